@@ -1,0 +1,241 @@
+//! Building per-endpoint clients over shared connection pools.
+
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use futures_util::future::BoxFuture;
+use http::header::HOST;
+use http::{HeaderValue, Request, Response, Uri, Version};
+use http_body_util::BodyExt;
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::Client as HyperClient;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use middleware::{Body, BoxError, RequestOptions};
+use selector::{Algorithm, DoneInfo, Node, NodeFilter, SelectError, Selector};
+
+use crate::applier::NodeApplier;
+use crate::body::DoneBody;
+use crate::error::{BuildError, Error};
+use crate::tls;
+use crate::watcher::ServiceWatcher;
+
+type Pool = HyperClient<HttpsConnector<HttpConnector>, Body>;
+
+/// Upstream connection settings shared by every client of a factory.
+#[derive(Debug, Clone)]
+pub struct ClientOptions {
+    /// TCP connect timeout per attempt (default 3 s).
+    pub connect_timeout: Duration,
+    /// How long an idle pooled connection is kept (default 90 s).
+    pub pool_idle_timeout: Duration,
+    /// Idle connections kept per node (default 256).
+    pub pool_max_idle_per_host: usize,
+}
+
+impl Default for ClientOptions {
+    fn default() -> Self {
+        Self {
+            connect_timeout: Duration::from_secs(3),
+            pool_idle_timeout: Duration::from_secs(90),
+            pool_max_idle_per_host: 256,
+        }
+    }
+}
+
+/// Builds a [`Client`] per endpoint; owns the shared pools and the service watcher.
+pub struct Factory {
+    options: ClientOptions,
+    http1: Pool,
+    h2c: Pool,
+    watcher: Option<Arc<ServiceWatcher>>,
+}
+
+impl Factory {
+    /// A factory; `watcher` resolves `discovery:///` targets (None = no registry configured).
+    pub fn new(options: ClientOptions, watcher: Option<Arc<ServiceWatcher>>) -> Self {
+        let default_tls = tls::default_client_config();
+        let http1 = pool(&options, default_tls.clone(), false);
+        let h2c = pool(&options, default_tls, true);
+        Self { options, http1, h2c, watcher }
+    }
+
+    /// The service watcher, when a registry is configured.
+    pub fn watcher(&self) -> Option<&Arc<ServiceWatcher>> {
+        self.watcher.as_ref()
+    }
+
+    /// Builds the client of one endpoint: its selector, node applier and pool.
+    pub fn build(
+        &self,
+        endpoint: &configs::Endpoint,
+        tls_store: &std::collections::BTreeMap<String, configs::Tls>,
+    ) -> Result<Client, BuildError> {
+        let algorithm: Algorithm = endpoint.selector.parse().map_err(|_| BuildError::BadTarget {
+            target: endpoint.selector.clone(),
+            reason: "unknown selector (p2c, wrr or random)".into(),
+        })?;
+        let selector = selector::build(algorithm);
+        let grpc = endpoint.protocol == configs::Protocol::Grpc;
+        let custom_tls = endpoint.backends.iter().find(|b| !b.tls_config_name.is_empty());
+        let http = match custom_tls {
+            Some(backend) => {
+                let name = &backend.tls_config_name;
+                let settings = tls_store.get(name).ok_or_else(|| BuildError::Tls {
+                    name: name.clone(),
+                    reason: "not found in tlsStore".into(),
+                })?;
+                let config = tls::client_config(settings).map_err(|reason| BuildError::Tls {
+                    name: name.clone(),
+                    reason,
+                })?;
+                pool(&self.options, config, grpc)
+            }
+            None if grpc => self.h2c.clone(),
+            None => self.http1.clone(),
+        };
+        let description = describe(endpoint);
+        let applier =
+            NodeApplier::new(description, endpoint, selector.clone(), self.watcher.clone())?;
+        let version = if grpc { Version::HTTP_2 } else { Version::HTTP_11 };
+        Ok(Client { inner: Arc::new(Inner { selector, http, applier, version }) })
+    }
+}
+
+fn describe(endpoint: &configs::Endpoint) -> String {
+    let method = if endpoint.method.is_empty() { "*" } else { &endpoint.method };
+    if endpoint.host.is_empty() {
+        format!("{method} {}", endpoint.path)
+    } else {
+        format!("{method} {}{}", endpoint.host, endpoint.path)
+    }
+}
+
+fn pool(options: &ClientOptions, tls: rustls::ClientConfig, http2_only: bool) -> Pool {
+    let mut http = HttpConnector::new();
+    http.enforce_http(false);
+    http.set_nodelay(true);
+    http.set_connect_timeout(Some(options.connect_timeout));
+    http.set_keepalive(Some(Duration::from_secs(60)));
+    let builder = hyper_rustls::HttpsConnectorBuilder::new().with_tls_config(tls).https_or_http();
+    let connector = if http2_only {
+        builder.enable_http2().wrap_connector(http)
+    } else {
+        builder.enable_http1().wrap_connector(http)
+    };
+    HyperClient::builder(TokioExecutor::new())
+        .timer(TokioTimer::new())
+        .pool_timer(TokioTimer::new())
+        .pool_idle_timeout(options.pool_idle_timeout)
+        .pool_max_idle_per_host(options.pool_max_idle_per_host)
+        .http2_only(http2_only)
+        .build(connector)
+}
+
+/// One endpoint's innermost RoundTripper. Cheap to clone.
+#[derive(Clone)]
+pub struct Client {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    selector: Arc<dyn Selector>,
+    http: Pool,
+    applier: NodeApplier,
+    version: Version,
+}
+
+impl Client {
+    /// The endpoint's selector (for debug views).
+    pub fn selector(&self) -> &Arc<dyn Selector> {
+        &self.inner.selector
+    }
+
+    /// Stops the node applier (unsubscribes from the service watcher).
+    pub fn close(&self) {
+        self.inner.applier.close();
+    }
+}
+
+impl tower::Service<Request<Body>> for Client {
+    type Response = Response<Body>;
+    type Error = BoxError;
+    type Future = BoxFuture<'static, Result<Response<Body>, BoxError>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<Body>) -> Self::Future {
+        let inner = self.inner.clone();
+        Box::pin(async move { inner.round_trip(req).await.map_err(BoxError::from) })
+    }
+}
+
+impl Inner {
+    fn pick(&self, options: Option<&RequestOptions>) -> Result<(Arc<Node>, selector::Done), Error> {
+        let Some(options) = options else {
+            return self.selector.select(&[]).map_err(|_| Error::NoNode);
+        };
+        if options.tried.is_empty() {
+            return self.selector.select(&options.filters).map_err(|_| Error::NoNode);
+        }
+        // Avoid nodes already tried while another one is available.
+        let tried = options.tried.clone();
+        let mut filters: Vec<NodeFilter> = options.filters.clone();
+        filters.push(Arc::new(move |node: &Node| !tried.iter().any(|a| *a == node.address)));
+        match self.selector.select(&filters) {
+            Ok(pick) => Ok(pick),
+            Err(SelectError::NoAvailable) => {
+                self.selector.select(&options.filters).map_err(|_| Error::NoNode)
+            }
+        }
+    }
+
+    async fn round_trip(&self, mut req: Request<Body>) -> Result<Response<Body>, Error> {
+        let options = req.extensions().get::<RequestOptions>();
+        let (node, done) = self.pick(options)?;
+        if let Some(options) = options {
+            options.backend.set(node.clone());
+        }
+        if !req.headers().contains_key(HOST) {
+            if let Some(authority) = req.uri().authority() {
+                if let Ok(value) = HeaderValue::from_str(authority.as_str()) {
+                    req.headers_mut().insert(HOST, value);
+                }
+            }
+        }
+        let path = req.uri().path_and_query().map(|p| p.as_str()).unwrap_or("/");
+        let uri = Uri::builder()
+            .scheme(if node.tls { "https" } else { "http" })
+            .authority(node.address.as_str())
+            .path_and_query(path)
+            .build()
+            .map_err(|source| Error::InvalidUri { address: node.address.clone(), source })?;
+        *req.uri_mut() = uri;
+        *req.version_mut() = self.version;
+        match self.http.request(req).await {
+            Ok(response) => {
+                let success = !response.status().is_server_error();
+                let (parts, body) = response.into_parts();
+                let body = if http_body::Body::is_end_stream(&body) {
+                    done.done(DoneInfo { success });
+                    body.map_err(BoxError::from).boxed_unsync()
+                } else {
+                    DoneBody::new(body, done, success).boxed_unsync()
+                };
+                Ok(Response::from_parts(parts, body))
+            }
+            Err(source) => {
+                done.done(DoneInfo { success: false });
+                let address = node.address.clone();
+                if source.is_connect() {
+                    Err(Error::Connect { address, source })
+                } else {
+                    Err(Error::Upstream { address, source })
+                }
+            }
+        }
+    }
+}

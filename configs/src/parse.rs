@@ -1,0 +1,158 @@
+//! Parsing YAML text into the model, and merging priority configs into a gateway.
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+use serde_saphyr::MessageFormatter;
+
+use crate::error::{ConfigError, Position};
+use crate::model::{Endpoint, Gateway};
+use crate::validate::{FieldPath, RouteKey, check_endpoints, check_gateway};
+
+/// A priority file (Kratos' `PriorityConfig`): endpoints that override or extend the main
+/// config's list.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase", default)]
+pub struct PriorityConfig {
+    /// Name of this override, informational.
+    pub name: String,
+    /// Version of this override, informational.
+    pub version: String,
+    /// Endpoints that replace the main endpoint with the same method, path and host, or are
+    /// put in front of the main list.
+    pub endpoints: Vec<Endpoint>,
+}
+
+/// Parses and validates a gateway config (without merging any priority directory).
+/// `file` is only used in error messages.
+pub fn parse(text: &str, file: &Path) -> Result<Gateway, ConfigError> {
+    let gateway: Gateway = from_yaml(text, file)?;
+    check_gateway(&gateway).map_err(|issue| issue.locate(file, text))?;
+    Ok(gateway)
+}
+
+/// Parses and validates one priority file (its endpoints on their own).
+pub fn parse_priority(text: &str, file: &Path) -> Result<PriorityConfig, ConfigError> {
+    let priority: PriorityConfig = from_yaml(text, file)?;
+    check_endpoints(&priority.endpoints, &FieldPath::endpoints())
+        .map_err(|issue| issue.locate(file, text))?;
+    Ok(priority)
+}
+
+/// Merges priority endpoints into `gateway`, in order: each replaces, in place, the endpoint
+/// with the same method (case-insensitive), path and host, or else is put at the front of
+/// the list (so a later priority endpoint comes before an earlier one).
+pub fn merge_priority(gateway: &mut Gateway, endpoints: impl IntoIterator<Item = Endpoint>) {
+    for endpoint in endpoints {
+        let key = RouteKey::of(&endpoint);
+        match gateway
+            .endpoints
+            .iter_mut()
+            .find(|existing| RouteKey::of(existing) == key)
+        {
+            Some(existing) => *existing = endpoint,
+            None => gateway.endpoints.insert(0, endpoint),
+        }
+    }
+}
+
+/// Deserializes YAML text, turning serde-saphyr's error into a positioned `ConfigError`.
+fn from_yaml<T: for<'de> Deserialize<'de> + Default>(
+    text: &str,
+    file: &Path,
+) -> Result<T, ConfigError> {
+    // An empty (or comment-only) document is an empty config; the YAML parser would
+    // otherwise complain that it "expected mapping start".
+    let is_blank = |line: &str| {
+        let line = line.trim();
+        line.is_empty() || line.starts_with('#') || line == "---" || line == "..."
+    };
+    if text.lines().all(is_blank) {
+        return Ok(T::default());
+    }
+    serde_saphyr::from_str(text).map_err(|error| {
+        let position = error.location().and_then(|location| {
+            let line = u32::try_from(location.line()).ok()?;
+            let column = u32::try_from(location.column()).ok()?;
+            (line > 0).then_some(Position { line, column })
+        });
+        // The message may quote file content; keep control characters out of logs.
+        let message = serde_saphyr::UserMessageFormatter
+            .format_message(error.without_snippet())
+            .chars()
+            .flat_map(|c| {
+                let escaped = c.is_control().then(|| c.escape_debug());
+                escaped.into_iter().flatten().chain((!c.is_control()).then_some(c))
+            })
+            .collect();
+        ConfigError::Parse {
+            file: file.to_path_buf(),
+            position,
+            message,
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::Backend;
+
+    fn endpoint(method: &str, path: &str, target: &str) -> Endpoint {
+        Endpoint {
+            method: method.into(),
+            path: path.into(),
+            backends: vec![Backend {
+                target: target.into(),
+                ..Backend::default()
+            }],
+            ..Endpoint::default()
+        }
+    }
+
+    #[test]
+    fn merge_replaces_in_place_or_prepends() {
+        let mut gateway = Gateway {
+            endpoints: vec![
+                endpoint("GET", "/a", "main:1"),
+                endpoint("", "/b", "main:2"),
+            ],
+            ..Gateway::default()
+        };
+        merge_priority(
+            &mut gateway,
+            vec![
+                endpoint("get", "/a", "prio:1"),
+                endpoint("", "/c", "prio:2"),
+                endpoint("POST", "/b", "prio:3"),
+                endpoint("", "/c", "prio:4"),
+            ],
+        );
+        let summary: Vec<(String, String, String)> = gateway
+            .endpoints
+            .iter()
+            .map(|e| (e.method.clone(), e.path.clone(), e.backends[0].target.clone()))
+            .collect();
+        let want = [
+            ("POST", "/b", "prio:3"),
+            ("", "/c", "prio:4"),
+            ("get", "/a", "prio:1"),
+            ("", "/b", "main:2"),
+        ];
+        let want: Vec<(String, String, String)> = want
+            .iter()
+            .map(|(m, p, t)| (m.to_string(), p.to_string(), t.to_string()))
+            .collect();
+        assert_eq!(summary, want);
+    }
+
+    #[test]
+    fn blank_documents_are_empty_configs() {
+        for text in ["", "\n", "# only a comment\n", "---\n"] {
+            assert_eq!(
+                parse(text, Path::new("x.yaml")).expect(text),
+                Gateway::default()
+            );
+        }
+    }
+}

@@ -1,0 +1,92 @@
+//! Per-endpoint and per-request facts that travel with a request as extensions.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+use selector::{Node, NodeFilter};
+
+/// Static facts about the endpoint a request matched, built once per config update.
+#[derive(Debug, Clone, Default)]
+pub struct EndpointInfo {
+    /// The endpoint's path pattern as configured (used as the `path` metric label).
+    pub path: String,
+    /// Configured method; empty means any.
+    pub method: String,
+    /// Configured host; empty means any.
+    pub host: String,
+    /// Upstream protocol.
+    pub protocol: configs::Protocol,
+    /// Endpoint metadata from the config (`service`, `basePath`, ...).
+    pub metadata: BTreeMap<String, String>,
+}
+
+impl EndpointInfo {
+    /// Builds the facts for one configured endpoint.
+    pub fn from_config(endpoint: &configs::Endpoint) -> Self {
+        Self {
+            path: endpoint.path.clone(),
+            method: endpoint.method.clone(),
+            host: endpoint.host.clone(),
+            protocol: endpoint.protocol,
+            metadata: endpoint.metadata.clone(),
+        }
+    }
+
+    /// `"GRPC"` or `"HTTP"`, as the protocol metric label.
+    pub fn protocol_label(&self) -> &'static str {
+        match self.protocol {
+            configs::Protocol::Grpc => "GRPC",
+            configs::Protocol::Http => "HTTP",
+        }
+    }
+}
+
+/// Where the client records the node it picked, so outer layers (retry, logging) can see it.
+#[derive(Debug, Default)]
+pub struct BackendSlot(Mutex<Option<Arc<Node>>>);
+
+impl BackendSlot {
+    /// Records the node the current attempt goes to.
+    pub fn set(&self, node: Arc<Node>) {
+        if let Ok(mut slot) = self.0.lock() {
+            *slot = Some(node);
+        }
+    }
+
+    /// The node of the latest attempt, if one was picked.
+    pub fn get(&self) -> Option<Arc<Node>> {
+        self.0.lock().ok().and_then(|slot| slot.clone())
+    }
+}
+
+/// Options the proxy attaches to each attempt as a request extension.
+#[derive(Clone)]
+pub struct RequestOptions {
+    /// The endpoint the request matched.
+    pub endpoint: Arc<EndpointInfo>,
+    /// The downstream peer's address.
+    pub client_addr: Option<SocketAddr>,
+    /// 1 for the first attempt, 2 for the first retry, ...
+    pub attempt: u32,
+    /// Node filters every pick must pass (middlewares may add some).
+    pub filters: Vec<NodeFilter>,
+    /// Addresses of nodes already tried; avoided while another node is available.
+    pub tried: Vec<String>,
+    /// The node picked by the latest attempt.
+    pub backend: Arc<BackendSlot>,
+}
+
+impl RequestOptions {
+    /// Options for the first attempt of a request to `endpoint`.
+    pub fn new(endpoint: Arc<EndpointInfo>, client_addr: Option<SocketAddr>) -> Self {
+        Self {
+            endpoint,
+            client_addr,
+            attempt: 1,
+            filters: Vec::new(),
+            tried: Vec::new(),
+            backend: Arc::new(BackendSlot::default()),
+        }
+    }
+}

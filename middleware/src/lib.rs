@@ -1,0 +1,24 @@
+//! Middleware v2: a middleware turns the next [`RoundTripper`] into a new one.
+//!
+//! In Rust a RoundTripper is a cloneable tower [`Service`] from `Request<Body>` to
+//! `Response<Body>`; a middleware is built by a [`Factory`] from the YAML entry
+//! `{name, options, required}` and wraps it like a tower `Layer`. The first middleware
+//! listed is the outermost, so requests pass in listed order and responses in reverse.
+//! Embedders add their own with [`Registry::register`].
+
+mod body;
+mod context;
+mod registry;
+
+pub mod builtin;
+pub mod metrics;
+
+pub use body::{Body, BoxError, empty_body, full_body};
+pub use context::{BackendSlot, EndpointInfo, RequestOptions};
+pub use registry::{BuildContext, BuildError, Factory, Middleware, Registry, options};
+
+use http::{Request, Response};
+use tower::util::BoxCloneSyncService;
+
+/// The service every layer of the request path implements: one HTTP round trip.
+pub type RoundTripper = BoxCloneSyncService<Request<Body>, Response<Body>, BoxError>;

@@ -1,0 +1,282 @@
+//! The per-endpoint handler: timeouts, the retry loop, header rules, metrics, access log.
+
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{HeaderMap, Method, Request, Response, Uri, Version};
+use http_body::{Body as HttpBody, Frame, SizeHint};
+use http_body_util::BodyExt;
+use middleware::metrics::{EndpointMetrics, Metrics};
+use middleware::{Body, BoxError, EndpointInfo, Middleware, RequestOptions, RoundTripper};
+use tower::util::BoxCloneSyncService;
+use tower::Service;
+
+use crate::error::{ProxyError, error_response};
+use crate::headers::{append_forwarded_for, strip_hop_by_hop};
+use crate::retry::RetryPolicy;
+
+/// Request bodies up to this size are buffered so a retry can replay them; larger or
+/// unsized bodies stream through and are not retried.
+pub const MAX_REPLAY_BODY: u64 = 64 * 1024;
+
+/// Serves the requests of one endpoint.
+pub struct EndpointHandler {
+    info: Arc<EndpointInfo>,
+    tripper: RoundTripper,
+    client: client::Client,
+    middlewares: Vec<Middleware>,
+    timeout: Option<Duration>,
+    retry: RetryPolicy,
+    metrics: EndpointMetrics,
+    in_flight: prometheus::IntGauge,
+}
+
+struct Head {
+    method: Method,
+    uri: Uri,
+    version: Version,
+    headers: HeaderMap,
+}
+
+impl Head {
+    fn request(&self, body: Body) -> Request<Body> {
+        let mut request = Request::new(body);
+        *request.method_mut() = self.method.clone();
+        *request.uri_mut() = self.uri.clone();
+        *request.version_mut() = self.version;
+        *request.headers_mut() = self.headers.clone();
+        request
+    }
+}
+
+impl EndpointHandler {
+    /// Wraps `client` in `middlewares` (first = outermost).
+    pub fn new(
+        info: Arc<EndpointInfo>,
+        endpoint: &configs::Endpoint,
+        client: client::Client,
+        middlewares: Vec<Middleware>,
+        metrics: &Metrics,
+    ) -> Self {
+        let mut tripper: RoundTripper = BoxCloneSyncService::new(client.clone());
+        for middleware in middlewares.iter().rev() {
+            tripper = middleware.wrap(tripper);
+        }
+        Self {
+            metrics: metrics.endpoint(&info),
+            in_flight: metrics.in_flight.clone(),
+            info,
+            tripper,
+            client,
+            middlewares,
+            timeout: endpoint.timeout.filter(|d| !d.is_zero()),
+            retry: RetryPolicy::new(endpoint.retry.as_ref()),
+        }
+    }
+
+    /// The endpoint's facts.
+    pub fn info(&self) -> &Arc<EndpointInfo> {
+        &self.info
+    }
+
+    /// The endpoint's client.
+    pub fn client(&self) -> &client::Client {
+        &self.client
+    }
+
+    /// Closes the client and middlewares (after the router drained).
+    pub fn close(&self) {
+        self.client.close();
+        for middleware in &self.middlewares {
+            middleware.close();
+        }
+    }
+
+    /// Proxies one request; every failure becomes a response.
+    pub async fn serve(&self, req: Request<Body>, remote: SocketAddr) -> Response<Body> {
+        let start = Instant::now();
+        self.in_flight.inc();
+        let _in_flight = GaugeGuard(&self.in_flight);
+        self.retry.budget().deposit();
+        let (parts, body) = req.into_parts();
+        let mut head = Head { method: parts.method, uri: parts.uri, version: parts.version, headers: parts.headers };
+        let grpc = self.info.protocol == configs::Protocol::Grpc;
+        strip_hop_by_hop(&mut head.headers, grpc);
+        append_forwarded_for(&mut head.headers, remote.ip());
+        if let Some(length) = body.size_hint().exact() {
+            self.metrics.rx_bytes.inc_by(length);
+        }
+        let mut options = RequestOptions::new(self.info.clone(), Some(remote));
+        let outcome = match self.timeout {
+            Some(timeout) => tokio::time::timeout(timeout, self.attempts(&head, body, &mut options))
+                .await
+                .unwrap_or(Err(ProxyError::Timeout)),
+            None => self.attempts(&head, body, &mut options).await,
+        };
+        let backend = options.backend.get();
+        let backend = backend.as_ref().map_or("", |node| node.address.as_str());
+        let mut response = match outcome {
+            Ok(mut response) => {
+                strip_hop_by_hop(response.headers_mut(), false);
+                response
+            }
+            Err(err) => {
+                tracing::warn!(endpoint = %self.info.path, backend, error = %err, "request failed");
+                error_response(&err, self.info.protocol)
+            }
+        };
+        let status = response.status().as_u16();
+        let elapsed = start.elapsed();
+        self.metrics.count_code(status);
+        self.metrics.duration.observe(elapsed.as_secs_f64());
+        if options.attempt > 1 {
+            let ok = !response.status().is_server_error();
+            if ok { self.metrics.retry_success.inc() } else { self.metrics.retry_failure.inc() }
+        }
+        tracing::info!(
+            target: "access",
+            method = %head.method,
+            path = head.uri.path(),
+            endpoint = %self.info.path,
+            backend,
+            status,
+            attempts = options.attempt,
+            latency_ms = elapsed.as_secs_f64() * 1000.0,
+        );
+        let tx = self.metrics.tx_bytes.clone();
+        response = response.map(|body| CountingBody { inner: body, counter: tx, count: 0 }.boxed_unsync());
+        response
+    }
+
+    async fn attempts(
+        &self,
+        head: &Head,
+        body: Body,
+        options: &mut RequestOptions,
+    ) -> Result<Response<Body>, ProxyError> {
+        let mut attempts = self.retry.attempts;
+        let mut streaming = Some(body);
+        let mut replay: Option<Bytes> = None;
+        if attempts > 1 {
+            let replayable = streaming.as_ref().is_some_and(|b| {
+                b.is_end_stream() || b.size_hint().upper().is_some_and(|n| n <= MAX_REPLAY_BODY)
+            });
+            if replayable {
+                let body = streaming.take().map(|b| b.collect());
+                if let Some(collect) = body {
+                    replay = Some(collect.await.map_err(ProxyError::ClientGone)?.to_bytes());
+                }
+            } else {
+                attempts = 1;
+            }
+        }
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            options.attempt = attempt;
+            let body = match (&replay, streaming.take()) {
+                (Some(bytes), _) => middleware::full_body(bytes.clone()),
+                (None, Some(body)) => body,
+                (None, None) => middleware::empty_body(),
+            };
+            let mut request = head.request(body);
+            request.extensions_mut().insert(options.clone());
+            let call = round_trip(self.tripper.clone(), request);
+            let result = match self.retry.per_try_timeout {
+                Some(limit) => tokio::time::timeout(limit, call).await.unwrap_or_else(|elapsed| Err(BoxError::from(elapsed))),
+                None => call.await,
+            };
+            if let Some(node) = options.backend.get() {
+                if !options.tried.contains(&node.address) {
+                    options.tried.push(node.address.clone());
+                }
+            }
+            let last = attempt >= attempts;
+            match result {
+                Ok(response) => {
+                    if last || !self.retry.should_retry(&response) || !self.retry.budget().withdraw() {
+                        return Ok(response);
+                    }
+                    tracing::debug!(endpoint = %self.info.path, status = response.status().as_u16(), attempt, "retrying on response");
+                }
+                Err(err) => {
+                    let err = ProxyError::from_round_trip(err);
+                    let retryable = matches!(err, ProxyError::Upstream(_) | ProxyError::Timeout);
+                    if last || !retryable || !self.retry.budget().withdraw() {
+                        return Err(err);
+                    }
+                    tracing::debug!(endpoint = %self.info.path, error = %err, attempt, "retrying on error");
+                }
+            }
+        }
+    }
+}
+
+impl Drop for EndpointHandler {
+    fn drop(&mut self) {
+        // Closing twice is harmless; a handler dropped without its router's close still
+        // releases its watcher subscriptions.
+        self.client.close();
+    }
+}
+
+/// One call of the chain (readiness first, as tower requires).
+async fn round_trip(mut tripper: RoundTripper, request: Request<Body>) -> Result<Response<Body>, BoxError> {
+    std::future::poll_fn(|cx| tripper.poll_ready(cx)).await?;
+    tripper.call(request).await
+}
+
+struct GaugeGuard<'a>(&'a prometheus::IntGauge);
+
+impl Drop for GaugeGuard<'_> {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// Counts response bytes into `gateway_requests_tx_bytes` as they stream out.
+    struct CountingBody {
+        #[pin]
+        inner: Body,
+        counter: prometheus::IntCounter,
+        count: u64,
+    }
+
+    impl PinnedDrop for CountingBody {
+        fn drop(this: Pin<&mut Self>) {
+            let this = this.project();
+            if *this.count > 0 {
+                this.counter.inc_by(*this.count);
+            }
+        }
+    }
+}
+
+impl HttpBody for CountingBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.project();
+        let polled = this.inner.poll_frame(cx);
+        if let Poll::Ready(Some(Ok(frame))) = &polled {
+            if let Some(data) = frame.data_ref() {
+                *this.count += data.len() as u64;
+            }
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}

@@ -1,0 +1,248 @@
+//! The proxy: holds the current router in an `ArcSwap`, builds a complete new router on
+//! each config update, and serves requests through the matched endpoint's handler.
+//!
+//! A config that fails to build leaves the old router serving. A replaced router drains
+//! its in-flight requests (bounded grace) and then closes its clients and middlewares.
+
+mod endpoint;
+mod error;
+mod headers;
+mod retry;
+pub mod server;
+
+use std::net::SocketAddr;
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use futures_util::FutureExt;
+use http::{Request, Response, StatusCode};
+use http_body_util::BodyExt;
+use middleware::metrics::Metrics;
+use middleware::{Body, BoxError, BuildContext, EndpointInfo, Registry};
+use router::{MuxRouter, RouteMatch, Router};
+use serde::Serialize;
+
+pub use endpoint::EndpointHandler;
+pub use error::{ProxyError, error_response};
+
+/// How long a replaced router waits for its in-flight requests before closing its clients.
+pub const DEFAULT_CLOSE_GRACE: Duration = Duration::from_secs(30);
+
+/// A config update that could not be built; the old router keeps serving.
+#[derive(Debug, thiserror::Error)]
+pub enum UpdateError {
+    /// An endpoint's client could not be built.
+    #[error("endpoint {endpoint}: {source}")]
+    Client {
+        /// "METHOD path".
+        endpoint: String,
+        /// The cause.
+        #[source]
+        source: client::BuildError,
+    },
+    /// A required middleware failed to build.
+    #[error("endpoint {endpoint}: {source}")]
+    Middleware {
+        /// "METHOD path".
+        endpoint: String,
+        /// The cause.
+        #[source]
+        source: middleware::BuildError,
+    },
+    /// The route could not be registered.
+    #[error("endpoint {endpoint}: {source}")]
+    Route {
+        /// "METHOD path".
+        endpoint: String,
+        /// The cause.
+        #[source]
+        source: router::RouteError,
+    },
+}
+
+/// One route as shown by `/debug/proxy/router/inspect`.
+#[derive(Debug, Clone, Serialize)]
+pub struct RouteInfo {
+    /// Path pattern.
+    pub path: String,
+    /// Method ("" = any).
+    pub method: String,
+    /// Host ("" = any).
+    pub host: String,
+    /// "HTTP" or "GRPC".
+    pub protocol: String,
+    /// Configured backend targets.
+    pub backends: Vec<String>,
+}
+
+struct RouterState {
+    router: MuxRouter<Arc<EndpointHandler>>,
+    routes: Vec<RouteInfo>,
+}
+
+/// The gateway's request handler.
+pub struct Proxy {
+    state: ArcSwap<RouterState>,
+    clients: client::Factory,
+    middlewares: Registry,
+    metrics: Arc<Metrics>,
+    close_grace: Duration,
+}
+
+impl Proxy {
+    /// A proxy with an empty router (every request gets 404 until the first update).
+    pub fn new(clients: client::Factory, middlewares: Registry, metrics: Arc<Metrics>) -> Self {
+        Self {
+            state: ArcSwap::from_pointee(RouterState { router: MuxRouter::new(), routes: vec![] }),
+            clients,
+            middlewares,
+            metrics,
+            close_grace: DEFAULT_CLOSE_GRACE,
+        }
+    }
+
+    /// Sets how long a replaced router may drain before its clients are closed.
+    pub fn with_close_grace(mut self, grace: Duration) -> Self {
+        self.close_grace = grace;
+        self
+    }
+
+    /// The metric families.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// The client factory (and through it the service watcher).
+    pub fn clients(&self) -> &client::Factory {
+        &self.clients
+    }
+
+    /// Builds a complete router for `config` and swaps it in; the old router drains and
+    /// closes in the background. On error nothing changes.
+    pub fn update(&self, config: &configs::Gateway) -> Result<(), UpdateError> {
+        let mut router = MuxRouter::new();
+        let mut routes = Vec::with_capacity(config.endpoints.len());
+        for endpoint in &config.endpoints {
+            let name = endpoint_name(endpoint);
+            let handler = self.build_endpoint(config, endpoint, &name)?;
+            let closer_handler = handler.clone();
+            router
+                .handle(
+                    &endpoint.path,
+                    &endpoint.method,
+                    &endpoint.host,
+                    handler,
+                    Some(Box::new(move || closer_handler.close())),
+                )
+                .map_err(|source| UpdateError::Route { endpoint: name, source })?;
+            routes.push(RouteInfo {
+                path: endpoint.path.clone(),
+                method: endpoint.method.clone(),
+                host: endpoint.host.clone(),
+                protocol: match endpoint.protocol {
+                    configs::Protocol::Grpc => "GRPC".into(),
+                    configs::Protocol::Http => "HTTP".into(),
+                },
+                backends: endpoint.backends.iter().map(|b| b.target.clone()).collect(),
+            });
+        }
+        let old = self.state.swap(Arc::new(RouterState { router, routes }));
+        let grace = self.close_grace;
+        let close = async move { old.router.sync_close(grace).await };
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => {
+                runtime.spawn(close);
+            }
+            Err(_) => tracing::warn!("no runtime: the replaced router was not closed"),
+        }
+        Ok(())
+    }
+
+    fn build_endpoint(
+        &self,
+        config: &configs::Gateway,
+        endpoint: &configs::Endpoint,
+        name: &str,
+    ) -> Result<Arc<EndpointHandler>, UpdateError> {
+        let info = Arc::new(EndpointInfo::from_config(endpoint));
+        let client = self
+            .clients
+            .build(endpoint, &config.tls_store)
+            .map_err(|source| UpdateError::Client { endpoint: name.into(), source })?;
+        let ctx = BuildContext { endpoint: info.clone(), metrics: self.metrics.clone() };
+        let mut built = Vec::new();
+        for entry in config.middlewares.iter().chain(&endpoint.middlewares) {
+            match self.middlewares.build(entry, &ctx) {
+                Ok(Some(middleware)) => built.push(middleware),
+                Ok(None) => {
+                    tracing::warn!(endpoint = name, middleware = %entry.name, "unknown middleware skipped")
+                }
+                Err(source) => {
+                    self.metrics.middleware_build_failures.with_label_values(&[&entry.name]).inc();
+                    client.close();
+                    for middleware in &built {
+                        middleware.close();
+                    }
+                    return Err(UpdateError::Middleware { endpoint: name.into(), source });
+                }
+            }
+        }
+        Ok(Arc::new(EndpointHandler::new(info, endpoint, client, built, &self.metrics)))
+    }
+
+    /// Routes shown by `/debug/proxy/router/inspect`.
+    pub fn routes(&self) -> Vec<RouteInfo> {
+        self.state.load().routes.clone()
+    }
+
+    /// Serves one downstream request; never fails (errors become responses).
+    pub async fn handle<B>(&self, req: Request<B>, remote: SocketAddr) -> Response<Body>
+    where
+        B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
+        B::Error: Into<BoxError>,
+    {
+        let state = self.state.load_full();
+        let host = request_host(&req);
+        let handler = match state.router.route(req.method().as_str(), host, req.uri().path()) {
+            RouteMatch::Found(handler) => handler.clone(),
+            RouteMatch::NotFound => return plain(StatusCode::NOT_FOUND, "404 page not found\n"),
+            RouteMatch::MethodNotAllowed => {
+                return plain(StatusCode::METHOD_NOT_ALLOWED, "405 method not allowed\n");
+            }
+        };
+        let _in_flight = state.router.enter();
+        let req = req.map(|body| body.map_err(Into::into).boxed_unsync());
+        let protocol = handler.info().protocol;
+        match AssertUnwindSafe(handler.serve(req, remote)).catch_unwind().await {
+            Ok(response) => response,
+            Err(_) => {
+                tracing::error!(endpoint = %handler.info().path, "handler panicked");
+                error_response(&ProxyError::Panic, protocol)
+            }
+        }
+    }
+}
+
+fn endpoint_name(endpoint: &configs::Endpoint) -> String {
+    let method = if endpoint.method.is_empty() { "*" } else { &endpoint.method };
+    format!("{method} {}{}", endpoint.host, endpoint.path)
+}
+
+fn request_host<B>(req: &Request<B>) -> &str {
+    req.headers()
+        .get(http::header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .or_else(|| req.uri().host())
+        .unwrap_or("")
+}
+
+pub(crate) fn plain(status: StatusCode, text: &'static str) -> Response<Body> {
+    let mut response = Response::new(middleware::full_body(text));
+    *response.status_mut() = status;
+    response
+        .headers_mut()
+        .insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("text/plain; charset=utf-8"));
+    response
+}

@@ -1,0 +1,162 @@
+//! Request routing for the gateway: a [`Router`] trait and its matchit-based
+//! implementation, [`MuxRouter`].
+//!
+//! A route is a path pattern plus an optional method and an optional host. Path patterns
+//! follow the Kratos / gorilla-mux forms:
+//!
+//! | form        | example                     | matches                                             |
+//! |-------------|-----------------------------|-----------------------------------------------------|
+//! | exact       | `/api/echo/hello`           | that path only (a trailing slash is significant)    |
+//! | prefix      | `/api/echo/*`               | `/api/echo`, `/api/echo/`, `/api/echo/a/b/c`, …     |
+//! | restful     | `/api/echo/{name}`          | one non-empty segment: `/api/echo/bob`              |
+//! | constrained | `/api/echo/{name:[a-z]+}`   | one segment the regex matches *whole*               |
+//!
+//! `/*` matches every path. Parameters always span a whole segment. Paths are matched
+//! as given: no percent-decoding, no dot-segment removal, and the caller passes the URI
+//! path without its query string.
+//!
+//! # Priority
+//!
+//! When several routes match a request, the most specific one wins, compared segment by
+//! segment from the left: a static segment beats a parameter, a parameter beats the end of
+//! a prefix route's fixed part. So exact beats restful beats prefix, and `/api/echo/*`
+//! beats `/api/*` for `/api/echo/x`. Routes with the same shape (for example
+//! `/x/{id:[0-9]+}` and `/x/{name:[a-z]+}`) are tried host-specific first, then in
+//! registration order. A route takes the request only if its constraints, host and method
+//! all match; otherwise the next route in priority order is tried. When none takes it,
+//! the result is [`RouteMatch::MethodNotAllowed`] if some route matched path, constraints
+//! and host but not the method, else [`RouteMatch::NotFound`].
+//!
+//! Lookups take no lock and do not allocate: one matchit lookup plus a scan of the few
+//! routes sharing the matched shape. Only when those all decline does the lookup walk a
+//! precomputed (lazily, once per shape) list of other routes that could match.
+
+#![forbid(unsafe_code)]
+
+mod inflight;
+mod mux;
+mod pattern;
+
+use std::future::Future;
+use std::time::Duration;
+
+pub use inflight::InFlight;
+pub use mux::MuxRouter;
+
+/// Runs once when the router is closed (after in-flight requests drained or the grace expired).
+pub type Closer = Box<dyn FnOnce() + Send + Sync>;
+
+/// Why a route could not be registered.
+#[derive(Debug, thiserror::Error)]
+pub enum RouteError {
+    /// The path pattern is not one of the supported forms.
+    #[error("invalid route pattern {pattern:?}: {reason}")]
+    InvalidPattern {
+        /// The pattern as given.
+        pattern: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// A `{name:regex}` constraint does not compile.
+    #[error("invalid regex in route pattern {pattern:?}: {source}")]
+    InvalidRegex {
+        /// The pattern as given.
+        pattern: String,
+        /// The regex compiler's error.
+        #[source]
+        source: regex::Error,
+    },
+    /// A route with the same pattern, method and host is already registered.
+    #[error("duplicate route: method {method:?} host {host:?} pattern {pattern:?}")]
+    Duplicate {
+        /// The pattern as given.
+        pattern: String,
+        /// The method as given ("" = any).
+        method: String,
+        /// The host as given ("" = any).
+        host: String,
+    },
+    /// The pattern cannot live in the same routing table as an existing one.
+    #[error("route pattern {pattern:?} conflicts with an existing route: {reason}")]
+    Conflict {
+        /// The pattern as given.
+        pattern: String,
+        /// The underlying routing-tree error.
+        reason: String,
+    },
+}
+
+/// The outcome of a lookup.
+#[derive(Debug)]
+pub enum RouteMatch<'a, H> {
+    /// The handler of the highest-priority route that accepts the request.
+    Found(&'a H),
+    /// No route matches the path (with its constraints and host): answer 404.
+    NotFound,
+    /// Some route matches path, constraints and host, but none allows the method: answer 405.
+    MethodNotAllowed,
+}
+
+impl<H> Clone for RouteMatch<'_, H> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+impl<H> Copy for RouteMatch<'_, H> {}
+
+impl<H> PartialEq for RouteMatch<'_, H> {
+    /// Two `Found` results are equal when they point at the same handler.
+    fn eq(&self, other: &Self) -> bool {
+        match (self, other) {
+            (Self::Found(a), Self::Found(b)) => std::ptr::eq(*a, *b),
+            (Self::NotFound, Self::NotFound) => true,
+            (Self::MethodNotAllowed, Self::MethodNotAllowed) => true,
+            _ => false,
+        }
+    }
+}
+
+impl<H> Eq for RouteMatch<'_, H> {}
+
+impl<'a, H> RouteMatch<'a, H> {
+    /// The handler, if the lookup found one.
+    pub fn found(self) -> Option<&'a H> {
+        match self {
+            Self::Found(handler) => Some(handler),
+            Self::NotFound | Self::MethodNotAllowed => None,
+        }
+    }
+}
+
+/// What a routing table does; [`MuxRouter`] is the implementation.
+///
+/// `sync_close` returns `impl Future`, so the trait is not object-safe: hold the concrete
+/// router type (for example in an `ArcSwap<MuxRouter<H>>`).
+pub trait Router<H>: Send + Sync {
+    /// Registers `handler` for `pattern` ("" method = any method, "" host = any host).
+    /// `closer` runs at `sync_close`.
+    ///
+    /// From this call on the router owns `closer`: if registration fails, the closer is run
+    /// before the error is returned, so the caller must not close that resource itself.
+    fn handle(
+        &mut self,
+        pattern: &str,
+        method: &str,
+        host: &str,
+        handler: H,
+        closer: Option<Closer>,
+    ) -> Result<(), RouteError>;
+
+    /// Finds the handler for a request. `host` may carry a port ("api.example.com:8080"),
+    /// which is ignored; hosts compare case-insensitively, and so do methods.
+    fn route(&self, method: &str, host: &str, path: &str) -> RouteMatch<'_, H>;
+
+    /// Marks a request in flight for as long as the guard lives (`sync_close` waits for these).
+    fn enter(&self) -> InFlight;
+
+    /// Waits until no request is in flight or `grace` elapsed, then runs every closer once,
+    /// in registration order. Idempotent: a concurrent call waits for the first one to
+    /// finish, a later call returns at once, and closers never run twice.
+    fn sync_close(&self, grace: Duration) -> impl Future<Output = ()> + Send;
+}
