@@ -15,7 +15,9 @@ pub enum DurationError {
     #[error("empty duration")]
     Empty,
     /// The string is not a sequence of `<number><unit>` (for example `"1x"`, `"s"`, `"1"`).
-    #[error("invalid duration {0:?}: expected a number with a unit such as \"1s\", \"250ms\", \"1m30s\"")]
+    #[error(
+        "invalid duration {0:?}: expected a number with a unit such as \"1s\", \"250ms\", \"1m30s\""
+    )]
     Invalid(String),
     /// A component used a unit other than `ns`, `us`/`µs`, `ms`, `s`, `m`, `h`.
     #[error("unknown unit {unit:?} in duration {input:?} (valid units: ns, us, µs, ms, s, m, h)")]
@@ -223,7 +225,10 @@ pub(crate) mod serde_opt {
             Ok(None)
         }
 
-        fn visit_some<D: Deserializer<'de>>(self, deserializer: D) -> Result<Self::Value, D::Error> {
+        fn visit_some<D: Deserializer<'de>>(
+            self,
+            deserializer: D,
+        ) -> Result<Self::Value, D::Error> {
             deserializer.deserialize_str(self)
         }
 
@@ -281,13 +286,32 @@ mod tests {
             ("1.2.3s", DurationError::Invalid("1.2.3s".into())),
             ("+", DurationError::Invalid("+".into())),
             ("-1s", DurationError::Negative("-1s".into())),
-            ("1 s", DurationError::UnknownUnit { unit: " s".into(), input: "1 s".into() }),
-            ("1x", DurationError::UnknownUnit { unit: "x".into(), input: "1x".into() }),
-            ("1sec", DurationError::UnknownUnit { unit: "sec".into(), input: "1sec".into() }),
+            (
+                "1 s",
+                DurationError::UnknownUnit {
+                    unit: " s".into(),
+                    input: "1 s".into(),
+                },
+            ),
+            (
+                "1x",
+                DurationError::UnknownUnit {
+                    unit: "x".into(),
+                    input: "1x".into(),
+                },
+            ),
+            (
+                "1sec",
+                DurationError::UnknownUnit {
+                    unit: "sec".into(),
+                    input: "1sec".into(),
+                },
+            ),
             ("2562048h", DurationError::Overflow("2562048h".into())),
-            ("99999999999999999999999999999999999999999h", DurationError::Overflow(
-                "99999999999999999999999999999999999999999h".into(),
-            )),
+            (
+                "99999999999999999999999999999999999999999h",
+                DurationError::Overflow("99999999999999999999999999999999999999999h".into()),
+            ),
         ];
         for (input, want) in table {
             assert_eq!(parse_duration(input).as_ref(), Err(want), "{input}");
@@ -313,6 +337,37 @@ mod tests {
         }
     }
 
+    /// Fuzz-style: arbitrary strings over the duration alphabet never panic, and whatever
+    /// parses formats back to text that parses to the same value.
+    #[test]
+    fn arbitrary_input_never_panics() {
+        let alphabet: Vec<char> = "0123456789..+-nsuµμmh x".chars().collect();
+        let mut state: u64 = 0x2545_F491_4F6C_DD1D;
+        for _ in 0..50_000 {
+            let mut text = String::new();
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            let mut bits = state;
+            for _ in 0..(bits % 14) {
+                bits = bits.rotate_right(5) ^ 0x9E37_79B9;
+                text.push(alphabet[(bits % alphabet.len() as u64) as usize]);
+            }
+            if let Ok(duration) = parse_duration(&text) {
+                assert_eq!(
+                    parse_duration(&format_duration(duration)),
+                    Ok(duration),
+                    "{text}"
+                );
+            }
+        }
+        let long = "9".repeat(100) + "h";
+        assert!(matches!(
+            parse_duration(&long),
+            Err(DurationError::Overflow(_))
+        ));
+    }
+
     /// Property: every duration Go can represent formats to text that parses back to itself,
     /// and every generated `<n><unit>` string parses to `n * unit`.
     #[test]
@@ -335,7 +390,7 @@ mod tests {
         ];
         for round in 0..20_000 {
             // Spread values over every magnitude, not just the large ones.
-            let nanos = next() % (i64::MAX as u64) >> (round % 63);
+            let nanos = (next() % (i64::MAX as u64)) >> (round % 63);
             let duration = Duration::from_nanos(nanos);
             let text = format_duration(duration);
             assert_eq!(parse_duration(&text), Ok(duration), "{text}");

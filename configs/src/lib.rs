@@ -11,6 +11,16 @@
 //! are errors; durations are Go strings (`1s`, `0.1s`, `250ms`); protojson's quoted 64-bit
 //! integers (`weight: "10"`) load like plain ones. See `configs/examples/` for files to start
 //! from.
+//!
+//! Choices where Kratos is silent or where we differ on purpose:
+//! - Validation is strict (Kratos discards unknown fields and checks little): see
+//!   [`validate`] for the rules; each error names `file:line:col` and the field path.
+//! - An empty or comment-only file is an empty config.
+//! - Priority directory: `*.yaml` and `*.yml` files, sorted by name, hidden files skipped; a
+//!   directory that does not exist holds no files. An endpoint replaces the one with the same
+//!   method (case-insensitive), path *and host* in the list built so far, else it is put in
+//!   front. A broken priority file fails the whole load (Kratos skips it silently).
+//! - The hash is sha256 of the main file alone when there are no priority files.
 
 mod duration;
 mod error;

@@ -143,10 +143,7 @@ pub struct Endpoint {
     /// Protocol spoken with the backends.
     pub protocol: Protocol,
     /// Deadline for the whole request, retries included (None: no deadline).
-    #[serde(
-        with = "opt_duration",
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(with = "opt_duration", skip_serializing_if = "Option::is_none")]
     pub timeout: Option<Duration>,
     /// Endpoint middlewares, inside the global ones (first = outermost).
     pub middlewares: Vec<Middleware>,
@@ -288,7 +285,9 @@ impl StatusRange {
         let number = |part: &str| {
             let part = part.trim();
             if part.is_empty() || !part.bytes().all(|b| b.is_ascii_digit()) {
-                return Err(error("expected a status code like \"429\" or a range like \"502-504\""));
+                return Err(error(
+                    "expected a status code like \"429\" or a range like \"502-504\"",
+                ));
             }
             part.parse::<u16>()
                 .map_err(|_| error("status codes must be within 100-599"))
@@ -300,7 +299,10 @@ impl StatusRange {
             },
             None => {
                 let code = number(text)?;
-                StatusRange { from: code, to: code }
+                StatusRange {
+                    from: code,
+                    to: code,
+                }
             }
         };
         range.check().map_err(|e| error(e.reason))?;
@@ -394,7 +396,10 @@ fn de_opt_i64<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<i64>,
             Ok(None)
         }
 
-        fn visit_some<D: Deserializer<'de>>(self, deserializer: D) -> Result<Self::Value, D::Error> {
+        fn visit_some<D: Deserializer<'de>>(
+            self,
+            deserializer: D,
+        ) -> Result<Self::Value, D::Error> {
             deserializer.deserialize_any(self)
         }
 
@@ -459,9 +464,18 @@ mod tests {
 
     #[test]
     fn status_ranges() {
-        assert_eq!(StatusRange::parse("502-504"), Ok(StatusRange { from: 502, to: 504 }));
-        assert_eq!(StatusRange::parse("429"), Ok(StatusRange { from: 429, to: 429 }));
-        assert_eq!(StatusRange::parse(" 500 - 599 "), Ok(StatusRange { from: 500, to: 599 }));
+        assert_eq!(
+            StatusRange::parse("502-504"),
+            Ok(StatusRange { from: 502, to: 504 })
+        );
+        assert_eq!(
+            StatusRange::parse("429"),
+            Ok(StatusRange { from: 429, to: 429 })
+        );
+        assert_eq!(
+            StatusRange::parse(" 500 - 599 "),
+            Ok(StatusRange { from: 500, to: 599 })
+        );
         for (bad, why) in [
             ("", "expected a status code"),
             ("abc", "expected a status code"),
@@ -545,20 +559,26 @@ mod tests {
         }
         let error = yaml::<Endpoint>("protocol: HTTP3").expect_err("HTTP3");
         assert!(error.contains("unknown protocol \"HTTP3\""), "{error}");
-        assert_eq!(serde_json::to_value(Protocol::Grpc).ok(), Some("GRPC".into()));
+        assert_eq!(
+            serde_json::to_value(Protocol::Grpc).ok(),
+            Some("GRPC".into())
+        );
     }
 
     #[test]
     fn camel_and_snake_keys() {
         let camel: Retry =
-            yaml("perTryTimeout: 0.1s\nconditions: [{byHeader: {name: a, value: b}}]").expect("camel");
+            yaml("perTryTimeout: 0.1s\nconditions: [{byHeader: {name: a, value: b}}]")
+                .expect("camel");
         let snake: Retry =
-            yaml("per_try_timeout: 0.1s\nconditions: [{by_header: {name: a, value: b}}]").expect("snake");
+            yaml("per_try_timeout: 0.1s\nconditions: [{by_header: {name: a, value: b}}]")
+                .expect("snake");
         assert_eq!(camel, snake);
         assert_eq!(camel.per_try_timeout, Some(Duration::from_millis(100)));
 
         let camel: Backend = yaml("target: a:1\nhealthCheck: {}\ntlsConfigName: x").expect("camel");
-        let snake: Backend = yaml("target: a:1\nhealth_check: {}\ntls_config_name: x").expect("snake");
+        let snake: Backend =
+            yaml("target: a:1\nhealth_check: {}\ntls_config_name: x").expect("snake");
         assert_eq!(camel, snake);
         assert_eq!(camel.health_check, Some(HealthCheck {}));
 

@@ -76,21 +76,26 @@ fn from_yaml<T: for<'de> Deserialize<'de> + Default>(
             let column = u32::try_from(location.column()).ok()?;
             (line > 0).then_some(Position { line, column })
         });
-        // The message may quote file content; keep control characters out of logs.
-        let message = serde_saphyr::UserMessageFormatter
-            .format_message(error.without_snippet())
-            .chars()
-            .flat_map(|c| {
-                let escaped = c.is_control().then(|| c.escape_debug());
-                escaped.into_iter().flatten().chain((!c.is_control()).then_some(c))
-            })
-            .collect();
+        let message = serde_saphyr::UserMessageFormatter.format_message(error.without_snippet());
         ConfigError::Parse {
             file: file.to_path_buf(),
             position,
-            message,
+            message: escape_controls(&message),
         }
     })
+}
+
+/// The message may quote file content: keep control characters out of logs.
+fn escape_controls(message: &str) -> String {
+    let mut escaped = String::with_capacity(message.len());
+    for c in message.chars() {
+        if c.is_control() {
+            escaped.extend(c.escape_debug());
+        } else {
+            escaped.push(c);
+        }
+    }
+    escaped
 }
 
 #[cfg(test)]
@@ -131,7 +136,13 @@ mod tests {
         let summary: Vec<(String, String, String)> = gateway
             .endpoints
             .iter()
-            .map(|e| (e.method.clone(), e.path.clone(), e.backends[0].target.clone()))
+            .map(|e| {
+                (
+                    e.method.clone(),
+                    e.path.clone(),
+                    e.backends[0].target.clone(),
+                )
+            })
             .collect();
         let want = [
             ("POST", "/b", "prio:3"),

@@ -20,7 +20,14 @@ use crate::model::{Backend, Condition, Endpoint, Gateway, Middleware};
 /// Load-balancing algorithms an endpoint's `selector` may name ("" = the default, p2c).
 pub const SELECTORS: [&str; 4] = ["", "p2c", "wrr", "random"];
 
-/// Checks the rules of DESIGN.md §3 on a config built in code or parsed from a file.
+/// Checks a config built in code or parsed from a file:
+/// - endpoint `path` present and starting with '/'; `method` an HTTP token;
+/// - no two endpoints with the same method (case-insensitive), path and host;
+/// - at least one backend, each target `host:port`, `http(s)://host:port` or
+///   `discovery:///name`; a `tlsConfigName` must name a `tlsStore` entry;
+/// - `selector` empty, `p2c`, `wrr` or `random`; middlewares have a name;
+/// - each retry condition has exactly one of `byStatusCode` (within 100-599, from <= to)
+///   and `byHeader` (with a name).
 ///
 /// Errors name the offending field (`endpoints[0].backends[1].target`) but carry no file
 /// position; [`crate::parse`] adds that.
@@ -251,11 +258,12 @@ pub(crate) fn check_target(target: &str) -> Result<(), String> {
         )
     };
     if target.is_empty() {
-        return Err("target is required (host:port, http(s)://host:port or discovery:///name)".into());
+        return Err(
+            "target is required (host:port, http(s)://host:port or discovery:///name)".into(),
+        );
     }
     if let Some(name) = target.strip_prefix("discovery:///") {
-        if name.is_empty() || name.contains(['/', '?', '#']) || name.contains(char::is_whitespace)
-        {
+        if name.is_empty() || name.contains(['/', '?', '#']) || name.contains(char::is_whitespace) {
             return Err(bad("the service name must be one non-empty path segment"));
         }
         return Ok(());
@@ -293,7 +301,9 @@ pub(crate) fn check_target(target: &str) -> Result<(), String> {
 
 /// `u16::from_str` accepts a leading '+', which is not a port.
 fn port_has_sign(authority: &str) -> bool {
-    authority.rsplit_once(':').is_some_and(|(_, p)| p.starts_with('+'))
+    authority
+        .rsplit_once(':')
+        .is_some_and(|(_, p)| p.starts_with('+'))
 }
 
 fn check_condition(condition: &Condition, path: &FieldPath) -> Result<(), Issue> {
@@ -575,7 +585,13 @@ mod tests {
             .key("backends")
             .index(0)
             .key("target");
-        assert_eq!(tree.find(&target), Some(Position { line: 4, column: 17 }));
+        assert_eq!(
+            tree.find(&target),
+            Some(Position {
+                line: 4,
+                column: 17
+            })
+        );
         // A missing leaf falls back to its closest ancestor.
         let missing = FieldPath::default().key("endpoints").index(0).key("retry");
         assert_eq!(tree.find(&missing), Some(Position { line: 2, column: 5 }));

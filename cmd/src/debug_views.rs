@@ -1,0 +1,164 @@
+//! The `/debug` mux over the real components: the config loader and the config in force,
+//! the proxy's routes, and the service watcher (when `--discovery` is set).
+
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use debug::{
+    Applier, ConfigSource, ConfigStatus, ConfigViews, DebugMux, Instance, Route, RouterSource,
+    RouterViews, WatcherSource, WatcherViews,
+};
+use proxy::Proxy;
+use serde_json::Value;
+
+/// What `/debug/config/load` shows instead of a TLS private key.
+const REDACTED: &str = "(redacted)";
+
+/// Builds the mux with the config, router and watcher views.
+pub(crate) fn mux(
+    loader: configs::FileLoader,
+    current: Arc<ArcSwap<configs::Gateway>>,
+    proxy: Arc<Proxy>,
+    watcher: Option<Arc<client::ServiceWatcher>>,
+) -> DebugMux {
+    let mut mux = DebugMux::new();
+    mux.register(Arc::new(ConfigViews::new(Arc::new(LoaderSource {
+        loader,
+        current,
+    }))));
+    mux.register(Arc::new(RouterViews::new(Arc::new(ProxySource(proxy)))));
+    let watcher_views = match watcher {
+        Some(watcher) => WatcherViews::new(Arc::new(WatcherAdapter(watcher))),
+        None => WatcherViews::unavailable("no registry configured (--discovery)"),
+    };
+    mux.register(Arc::new(watcher_views));
+    mux
+}
+
+/// The file loader's status and the config in force (swapped in after each apply).
+struct LoaderSource {
+    loader: configs::FileLoader,
+    current: Arc<ArcSwap<configs::Gateway>>,
+}
+
+impl ConfigSource for LoaderSource {
+    fn status(&self) -> ConfigStatus {
+        let status = self.loader.status();
+        ConfigStatus {
+            path: status.path,
+            sha256: status.sha256,
+            version: status.version,
+            loaded_at: status.loaded_at,
+            reloads: status.reloads,
+            last_error: status.last_error,
+        }
+    }
+
+    fn config(&self) -> Value {
+        let mut value = match serde_json::to_value(&**self.current.load()) {
+            Ok(value) => value,
+            Err(error) => {
+                return serde_json::json!({ "error": format!("cannot encode the config: {error}") });
+            }
+        };
+        redact_tls_keys(&mut value);
+        value
+    }
+}
+
+/// Replaces every non-empty `tlsStore.*.key` (a PEM private key) with a marker.
+fn redact_tls_keys(config: &mut Value) {
+    let Some(store) = config.get_mut("tlsStore").and_then(Value::as_object_mut) else {
+        return;
+    };
+    for tls in store.values_mut() {
+        if let Some(key) = tls.get_mut("key")
+            && key.as_str().is_some_and(|key| !key.is_empty())
+        {
+            *key = Value::String(REDACTED.to_string());
+        }
+    }
+}
+
+/// The routes of the router in force.
+struct ProxySource(Arc<Proxy>);
+
+impl RouterSource for ProxySource {
+    fn routes(&self) -> Vec<Route> {
+        self.0
+            .routes()
+            .into_iter()
+            .map(|route| Route {
+                path: route.path,
+                method: route.method,
+                host: route.host,
+                protocol: route.protocol,
+                backends: route.backends,
+            })
+            .collect()
+    }
+}
+
+/// The service watcher's services, instances and appliers.
+struct WatcherAdapter(Arc<client::ServiceWatcher>);
+
+impl WatcherSource for WatcherAdapter {
+    fn services(&self) -> Vec<String> {
+        self.0.services()
+    }
+
+    fn instances(&self, service: &str) -> Option<Vec<Instance>> {
+        let instances = self.0.instances(service)?;
+        Some(
+            instances
+                .into_iter()
+                .map(|instance| Instance {
+                    id: instance.id,
+                    name: instance.name,
+                    version: instance.version,
+                    metadata: instance.metadata,
+                    endpoints: instance.endpoints,
+                })
+                .collect(),
+        )
+    }
+
+    fn appliers(&self, service: &str) -> Option<Vec<Applier>> {
+        let appliers = self.0.appliers(service)?;
+        Some(
+            appliers
+                .into_iter()
+                .map(|applier| Applier {
+                    endpoint: applier.endpoint,
+                    nodes: applier.nodes,
+                })
+                .collect(),
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tls_keys_are_redacted() {
+        let mut gateway = configs::Gateway::default();
+        gateway.tls_store.insert(
+            "upstream".into(),
+            configs::Tls {
+                key: "-----BEGIN PRIVATE KEY-----\nsecret".into(),
+                cert: "CERT".into(),
+                ..configs::Tls::default()
+            },
+        );
+        gateway
+            .tls_store
+            .insert("no-key".into(), configs::Tls::default());
+        let mut value = serde_json::to_value(&gateway).unwrap();
+        redact_tls_keys(&mut value);
+        assert_eq!(value["tlsStore"]["upstream"]["key"], REDACTED);
+        assert_eq!(value["tlsStore"]["upstream"]["cert"], "CERT");
+        assert_eq!(value["tlsStore"]["no-key"]["key"], "");
+    }
+}

@@ -1,0 +1,181 @@
+//! Wiring of the `gateway` binary: flags, start-up and shutdown. `main.rs` only parses
+//! flags, sets up logging and signals, and calls [`run`].
+
+mod debug_views;
+mod demo;
+
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::Parser;
+use http::{Request, Response};
+use hyper::body::Incoming;
+use middleware::Body;
+use middleware::metrics::Metrics;
+use proxy::Proxy;
+use proxy::server::{ServerOptions, serve};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+/// A service-discovery-driven API gateway.
+#[derive(Debug, Parser)]
+#[command(name = "gateway", version, about)]
+pub struct Cli {
+    /// Config file (YAML, go-kratos/gateway format).
+    #[arg(long, default_value = "configs/gateway.yaml")]
+    pub conf: PathBuf,
+    /// Address to listen on; repeat for several.
+    #[arg(long = "addr", default_value = "0.0.0.0:8080")]
+    pub addrs: Vec<SocketAddr>,
+    /// Registry for discovery:/// backends: consul://HOST:PORT?token=T&datacenter=DC or
+    /// etcd://HOST:PORT[,HOST:PORT]?namespace=/microservices.
+    #[arg(long)]
+    pub discovery: Option<String>,
+    /// Serve the /debug/* views (loopback peers without X-Forwarded-For only).
+    #[arg(long)]
+    pub debug: bool,
+    /// How often the config file (and priority dir) is re-hashed, e.g. 5s, 500ms.
+    #[arg(long, default_value = "5s", value_parser = duration)]
+    pub reload_interval: Duration,
+    /// Directory of *.yaml endpoint files that replace or are prepended to the main list.
+    #[arg(long)]
+    pub priority_dir: Option<PathBuf>,
+    /// Worker threads of the runtime (default: one per core).
+    #[arg(long, env = "GATEWAY_WORKERS")]
+    pub workers: Option<usize>,
+    /// Time allowed for in-flight requests at shutdown and when a router is replaced.
+    #[arg(long, default_value = "30s", value_parser = duration)]
+    pub shutdown_grace: Duration,
+    /// Time a client has to send a request head; also the idle keep-alive timeout.
+    #[arg(long, default_value = "15s", value_parser = duration)]
+    pub header_read_timeout: Duration,
+    /// How long start-up waits for the registry's first snapshot of each service.
+    #[arg(long, default_value = "5s", value_parser = duration)]
+    pub initial_resolve_timeout: Duration,
+    /// DEMO ONLY: also start a toy upstream on 127.0.0.1:8000 so the example config answers.
+    #[arg(long)]
+    pub demo: bool,
+}
+
+fn duration(text: &str) -> Result<Duration, String> {
+    configs::parse_duration(text).map_err(|err| err.to_string())
+}
+
+/// Start-up failures are returned as one line; after start-up, errors are logged.
+pub async fn run(
+    cli: Cli,
+    shutdown: CancellationToken,
+    on_ready: impl FnOnce(Vec<SocketAddr>),
+) -> Result<(), String> {
+    let loader = configs::FileLoader::new(cli.conf.clone(), cli.priority_dir.clone());
+    let loaded = loader.load().map_err(|err| format!("config: {err}"))?;
+    let watcher = match &cli.discovery {
+        Some(dsn) => {
+            let registry = discovery::from_dsn(dsn).map_err(|err| format!("--discovery: {err}"))?;
+            Some(client::ServiceWatcher::new(registry, shutdown.clone()))
+        }
+        None => None,
+    };
+    let mut listeners = Vec::new();
+    for addr in &cli.addrs {
+        let listener = TcpListener::bind(addr).await.map_err(|err| format!("listen on {addr}: {err}"))?;
+        listeners.push(listener);
+    }
+    if cli.demo {
+        demo::start("127.0.0.1:8000").await.map_err(|err| format!("demo upstream: {err}"))?;
+    }
+    let metrics = Arc::new(Metrics::new());
+    let clients = client::Factory::new(client::ClientOptions::default(), watcher.clone());
+    let mut registry = middleware::Registry::new();
+    middleware::builtin::register_all(&mut registry);
+    let proxy = Arc::new(
+        Proxy::new(clients, registry, metrics.clone()).with_close_grace(cli.shutdown_grace),
+    );
+    proxy.update(&loaded.gateway).map_err(|err| format!("config: {err}"))?;
+    if let Some(watcher) = &watcher {
+        let unresolved = watcher.wait_ready(cli.initial_resolve_timeout).await;
+        if !unresolved.is_empty() {
+            tracing::warn!(?unresolved, "no snapshot yet from the registry; serving anyway");
+        }
+    }
+    let current = Arc::new(arc_swap::ArcSwap::from_pointee(loaded.gateway.clone()));
+    let reload_proxy = proxy.clone();
+    let reload_current = current.clone();
+    let reloads = loader.watch(cli.reload_interval, shutdown.clone(), move |loaded| {
+        reload_proxy.update(&loaded.gateway).map_err(|err| err.to_string())?;
+        reload_current.store(Arc::new(loaded.gateway.clone()));
+        tracing::info!(sha256 = %loaded.sha256, endpoints = loaded.gateway.endpoints.len(), "config applied");
+        Ok(())
+    });
+    let debug = cli.debug.then(|| {
+        Arc::new(debug_views::mux(loader.clone(), current, proxy.clone(), watcher.clone()))
+    });
+    let options = ServerOptions {
+        header_read_timeout: cli.header_read_timeout,
+        shutdown_grace: cli.shutdown_grace,
+        ..ServerOptions::default()
+    };
+    let mut servers = Vec::new();
+    let mut local_addrs = Vec::new();
+    for listener in listeners {
+        let local = listener.local_addr().map_err(|err| err.to_string())?;
+        local_addrs.push(local);
+        tracing::info!(addr = %local, endpoints = loaded.gateway.endpoints.len(), "listening");
+        let handler = edge_handler(proxy.clone(), metrics.clone(), debug.clone());
+        servers.push(tokio::spawn(serve(
+            listener,
+            options.clone(),
+            Some(metrics.clone()),
+            handler,
+            shutdown.clone(),
+        )));
+    }
+    on_ready(local_addrs);
+    shutdown.cancelled().await;
+    tracing::info!("shutting down: draining in-flight requests");
+    for server in servers {
+        let _ = server.await;
+    }
+    let _ = reloads.await;
+    Ok(())
+}
+
+/// The outermost service: `/metrics`, `/debug/*` (when enabled), then the proxy.
+fn edge_handler(
+    proxy: Arc<Proxy>,
+    metrics: Arc<Metrics>,
+    debug: Option<Arc<debug::DebugMux>>,
+) -> impl Fn(Request<Incoming>, SocketAddr) -> futures_util::future::BoxFuture<'static, Response<Body>>
++ Clone
++ Send
++ Sync
++ 'static {
+    move |req, remote| {
+        let proxy = proxy.clone();
+        if req.uri().path() == "/metrics" {
+            let text = metrics.encode();
+            return Box::pin(async move {
+                let mut response = Response::new(middleware::full_body(text));
+                response.headers_mut().insert(
+                    http::header::CONTENT_TYPE,
+                    http::HeaderValue::from_static("text/plain; version=0.0.4"),
+                );
+                response
+            });
+        }
+        if let Some(debug) = &debug
+            && debug::DebugMux::matches(req.uri().path())
+        {
+            let debug = debug.clone();
+            return Box::pin(async move {
+                let response = debug.handle(req, remote).await;
+                response.map(|body| middleware::full_body(body.into_inner().unwrap_or_default()))
+            });
+        }
+        Box::pin(async move { proxy.handle(req, remote).await })
+    }
+}
+

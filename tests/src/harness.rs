@@ -1,0 +1,279 @@
+//! Real servers on 127.0.0.1 for end-to-end tests: upstreams, an in-process gateway
+//! started through its real flags, and a small HTTP client.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use clap::Parser;
+use http::{HeaderMap, Request, Response};
+use http_body_util::{BodyExt, Full, combinators::UnsyncBoxBody};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+/// Body type upstream handlers answer with.
+pub type UpstreamBody = UnsyncBoxBody<Bytes, Infallible>;
+
+/// A body holding `text`.
+pub fn text(text: impl Into<Bytes>) -> UpstreamBody {
+    Full::new(text.into()).boxed_unsync()
+}
+
+/// A real upstream HTTP server on 127.0.0.1:0; stops when dropped.
+pub struct Upstream {
+    /// Where it listens.
+    pub addr: SocketAddr,
+    hits: Arc<AtomicUsize>,
+    shutdown: CancellationToken,
+}
+
+impl Upstream {
+    /// Starts a server answering every request with `handler`.
+    pub async fn start<F, Fut>(handler: F) -> Upstream
+    where
+        F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
+        Fut: Future<Output = Response<UpstreamBody>> + Send + 'static,
+    {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind upstream");
+        let addr = listener.local_addr().expect("local addr");
+        let hits = Arc::new(AtomicUsize::new(0));
+        let shutdown = CancellationToken::new();
+        let (task_hits, task_shutdown) = (hits.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            loop {
+                let accepted = tokio::select! {
+                    _ = task_shutdown.cancelled() => return,
+                    accepted = listener.accept() => accepted,
+                };
+                let Ok((stream, _)) = accepted else { continue };
+                let handler = handler.clone();
+                let hits = task_hits.clone();
+                let conn_shutdown = task_shutdown.clone();
+                tokio::spawn(async move {
+                    let service = service_fn(move |req| {
+                        hits.fetch_add(1, Ordering::SeqCst);
+                        let response = handler(req);
+                        async move { Ok::<_, Infallible>(response.await) }
+                    });
+                    let builder = auto::Builder::new(TokioExecutor::new());
+                    let conn = builder.serve_connection(TokioIo::new(stream), service);
+                    tokio::select! {
+                        _ = conn => {}
+                        _ = conn_shutdown.cancelled() => {}
+                    }
+                });
+            }
+        });
+        Upstream { addr, hits, shutdown }
+    }
+
+    /// An upstream answering 200 with body `name` and header `x-upstream: name`; it also
+    /// reports what it saw: `x-seen-path` (path and query), `x-seen-host`, `x-seen-xff`.
+    pub async fn named(name: &str) -> Upstream {
+        let name = name.to_string();
+        Upstream::start(move |req: Request<Incoming>| {
+            let name = name.clone();
+            async move {
+                let seen = |h: &str| {
+                    req.headers().get(h).and_then(|v| v.to_str().ok()).unwrap_or("").to_string()
+                };
+                Response::builder()
+                    .header("x-upstream", &name)
+                    .header("x-seen-path", req.uri().path_and_query().map_or("", |p| p.as_str()))
+                    .header("x-seen-host", seen("host"))
+                    .header("x-seen-xff", seen("x-forwarded-for"))
+                    .body(text(name))
+                    .expect("response")
+            }
+        })
+        .await
+    }
+
+    /// `127.0.0.1:PORT`, for a backend target.
+    pub fn target(&self) -> String {
+        self.addr.to_string()
+    }
+
+    /// Requests served so far.
+    pub fn hits(&self) -> usize {
+        self.hits.load(Ordering::SeqCst)
+    }
+
+    /// Stops accepting and closes open connections.
+    pub fn stop(&self) {
+        self.shutdown.cancel();
+    }
+}
+
+impl Drop for Upstream {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+/// The gateway running in this process, started through its real flags
+/// (`--addr 127.0.0.1:0 --debug --reload-interval 100ms` plus any extra flags).
+pub struct TestGateway {
+    /// The first listening address.
+    pub addr: SocketAddr,
+    /// The config file it watches.
+    pub conf: PathBuf,
+    /// Scratch directory holding the config (and anything a test adds).
+    pub dir: tempfile::TempDir,
+    shutdown: CancellationToken,
+    task: Option<tokio::task::JoinHandle<Result<(), String>>>,
+}
+
+impl TestGateway {
+    /// Starts a gateway on `yaml`; panics if it does not start.
+    pub async fn start(yaml: &str) -> TestGateway {
+        Self::start_with(yaml, &[]).await.expect("gateway starts")
+    }
+
+    /// Starts a gateway on `yaml` with extra command-line flags; returns the start-up error.
+    pub async fn start_with(yaml: &str, extra_flags: &[&str]) -> Result<TestGateway, String> {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let conf = dir.path().join("gateway.yaml");
+        std::fs::write(&conf, yaml).expect("write config");
+        let mut args: Vec<String> = [
+            "gateway",
+            "--conf",
+            conf.to_str().expect("utf-8 path"),
+            "--addr",
+            "127.0.0.1:0",
+            "--debug",
+            "--reload-interval",
+            "100ms",
+            "--shutdown-grace",
+            "5s",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        args.extend(extra_flags.iter().map(|s| s.to_string()));
+        let cli = cmd::Cli::try_parse_from(args).map_err(|e| e.to_string())?;
+        let shutdown = CancellationToken::new();
+        let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+        let task = tokio::spawn(cmd::run(cli, shutdown.clone(), move |addrs| {
+            let _ = ready_tx.send(addrs);
+        }));
+        match ready_rx.await {
+            Ok(addrs) => Ok(TestGateway {
+                addr: addrs[0],
+                conf,
+                dir,
+                shutdown,
+                task: Some(task),
+            }),
+            Err(_) => match task.await {
+                Ok(Err(message)) => Err(message),
+                other => Err(format!("gateway ended before it was ready: {other:?}")),
+            },
+        }
+    }
+
+    /// `http://127.0.0.1:PORT{path}`.
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    /// Replaces the config file (the gateway picks it up at its next poll).
+    pub fn write_config(&self, yaml: &str) {
+        let tmp = self.dir.path().join(".gateway.yaml.tmp");
+        std::fs::write(&tmp, yaml).expect("write config");
+        std::fs::rename(&tmp, &self.conf).expect("replace config");
+    }
+
+    /// Shuts down gracefully and returns what `run` returned.
+    pub async fn stop(mut self) -> Result<(), String> {
+        self.shutdown.cancel();
+        match self.task.take() {
+            Some(task) => task.await.map_err(|e| e.to_string())?,
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for TestGateway {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+/// What a test sees of a response.
+#[derive(Debug, Clone)]
+pub struct Reply {
+    /// Status code.
+    pub status: u16,
+    /// Response headers.
+    pub headers: HeaderMap,
+    /// Body as text (lossy).
+    pub body: String,
+}
+
+impl Reply {
+    /// A header's value as text ("" when absent).
+    pub fn header(&self, name: &str) -> &str {
+        self.headers.get(name).and_then(|v| v.to_str().ok()).unwrap_or("")
+    }
+}
+
+/// A plain HTTP/1.1 client with a connection pool.
+pub fn http_client() -> Client<HttpConnector, Full<Bytes>> {
+    Client::builder(TokioExecutor::new()).build(HttpConnector::new())
+}
+
+/// Sends `req` and reads the whole response (10 s limit).
+pub async fn send(req: Request<Full<Bytes>>) -> Reply {
+    let client = http_client();
+    let response = tokio::time::timeout(Duration::from_secs(10), client.request(req))
+        .await
+        .expect("response within 10 s")
+        .expect("request sent");
+    let (parts, body) = response.into_parts();
+    let body = body.collect().await.expect("body read").to_bytes();
+    Reply { status: parts.status.as_u16(), headers: parts.headers, body: String::from_utf8_lossy(&body).into_owned() }
+}
+
+/// GET `url`.
+pub async fn get(url: &str) -> Reply {
+    send(Request::get(url).body(Full::default()).expect("request")).await
+}
+
+/// GET `url` with extra headers.
+pub async fn get_with(url: &str, headers: &[(&str, &str)]) -> Reply {
+    let mut req = Request::get(url);
+    for (name, value) in headers {
+        req = req.header(*name, *value);
+    }
+    send(req.body(Full::default()).expect("request")).await
+}
+
+/// Polls `check` every 20 ms until it returns true or `timeout` passes; returns whether it held.
+pub async fn eventually<F, Fut>(timeout: Duration, mut check: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if check().await {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
