@@ -64,7 +64,9 @@ impl DiscoveryDsn {
             Some((hosts, "")) => hosts,
             Some((_, path)) => {
                 return Err(DsnError::BadQuery {
-                    reason: format!("unexpected path \"/{path}\"; only HOST:PORT and a query are allowed"),
+                    reason: format!(
+                        "unexpected path \"/{path}\"; only HOST:PORT and a query are allowed"
+                    ),
                 });
             }
             None => before_query,
@@ -352,7 +354,9 @@ mod tests {
         assert!(message("etcd://[]:2379").contains("missing a host"));
         assert!(message("consul://h:abc").contains("bad port"));
         assert!(message("consul://h:").contains("port is empty"));
-        assert!(message("etcd://h:70000").contains("\"70000\" is not a number between 1 and 65535"));
+        assert!(
+            message("etcd://h:70000").contains("\"70000\" is not a number between 1 and 65535")
+        );
         assert!(message("etcd://h:0").contains("port 0"));
         assert!(message("etcd://::1:2379").contains("brackets"));
         assert!(message("consul://h:8500?tokn=x").contains("unknown key \"tokn\""));

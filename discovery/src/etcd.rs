@@ -97,7 +97,11 @@ impl Discovery for EtcdDiscovery {
     }
 
     fn describe(&self) -> String {
-        format!("{}?namespace={}", self.connection.describe(), self.namespace)
+        format!(
+            "{}?namespace={}",
+            self.connection.describe(),
+            self.namespace
+        )
     }
 }
 
@@ -179,12 +183,13 @@ impl Connection {
                 return Err(self.timeout());
             }
         };
-        let revision = response.header().map(|header| header.revision()).ok_or_else(|| {
-            Error::BadResponse {
+        let revision = response
+            .header()
+            .map(|header| header.revision())
+            .ok_or_else(|| Error::BadResponse {
                 registry: self.describe(),
                 reason: "range response without a header".to_string(),
-            }
-        })?;
+            })?;
         let instances = response
             .kvs()
             .iter()
@@ -216,13 +221,16 @@ enum Phase {
     List,
     /// The map is current up to `revision`; a watch from `revision + 1` must be opened.
     Watch,
-    /// A watch stream is open; `handle` keeps its request side alive.
-    Streaming {
-        handle: etcd_client::Watcher,
-        stream: WatchStream,
-    },
+    /// A watch stream is open.
+    Streaming(Box<OpenWatch>),
     /// `stop()` was called.
     Stopped,
+}
+
+/// An open watch stream; `handle` keeps its request side (and so the stream) alive.
+struct OpenWatch {
+    handle: etcd_client::Watcher,
+    stream: WatchStream,
 }
 
 /// A watch of one service prefix, created by [`EtcdDiscovery::watch`].
@@ -291,7 +299,7 @@ impl EtcdWatcher {
         .await;
         match created {
             Ok(Ok((handle, stream))) => {
-                self.phase = Phase::Streaming { handle, stream };
+                self.phase = Phase::Streaming(Box::new(OpenWatch { handle, stream }));
                 Ok(())
             }
             Ok(Err(error)) => Err(self.connection.unreachable(error)),
@@ -328,8 +336,8 @@ impl Watcher for EtcdWatcher {
                         return Err(self.fail(error, Phase::Watch).await);
                     }
                 }
-                Phase::Streaming { stream, .. } => {
-                    let message = stream.message().await;
+                Phase::Streaming(open) => {
+                    let message = open.stream.message().await;
                     match message {
                         Ok(Some(response)) => {
                             if response.compact_revision() != 0 {
@@ -373,11 +381,9 @@ impl Watcher for EtcdWatcher {
     }
 
     async fn stop(&mut self) {
-        if let Phase::Streaming { mut handle, .. } =
-            std::mem::replace(&mut self.phase, Phase::Stopped)
-        {
+        if let Phase::Streaming(mut open) = std::mem::replace(&mut self.phase, Phase::Stopped) {
             // Best effort: dropping the handle closes the stream anyway.
-            let _ = handle.cancel().await;
+            let _ = open.handle.cancel().await;
         }
     }
 }

@@ -10,6 +10,13 @@
 //!
 //! Instances use the Kratos `ServiceInstance` shape, so a service registered by a Kratos
 //! application (etcd or Consul registry) is understood as is.
+//!
+//! - [`etcd`]: `etcd-client` (v3 API, works with etcd 3.4), Kratos key layout, list + watch
+//!   from the listed revision, re-watch after a disconnect, re-list after compaction.
+//! - [`consul`]: blocking queries on `/v1/health/service/<name>?passing=1`, written over
+//!   hyper-util rather than rs-consul because rs-consul's typed service entry drops
+//!   `Service.Meta`, `Service.TaggedAddresses` and `Service.Weights`, which carry Kratos'
+//!   metadata and endpoint URLs (see the module docs for the details).
 
 use std::collections::BTreeMap;
 mod backoff;
@@ -63,9 +70,8 @@ fn parse_endpoint(endpoint: &str, scheme: &str) -> Option<(String, bool)> {
         return None;
     }
     let secure = query.split('&').any(|pair| {
-        pair.split_once('=').is_some_and(|(key, value)| {
-            key == "isSecure" && value.eq_ignore_ascii_case("true")
-        })
+        pair.split_once('=')
+            .is_some_and(|(key, value)| key == "isSecure" && value.eq_ignore_ascii_case("true"))
     });
     Some((authority.to_string(), secure))
 }
@@ -168,4 +174,68 @@ pub trait Watcher: Send + 'static {
     async fn next(&mut self) -> Result<Vec<ServiceInstance>, Error>;
     /// Stops the watch and frees its resources.
     async fn stop(&mut self);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with_endpoints(endpoints: &[&str]) -> ServiceInstance {
+        ServiceInstance {
+            endpoints: endpoints
+                .iter()
+                .map(|endpoint| endpoint.to_string())
+                .collect(),
+            ..ServiceInstance::default()
+        }
+    }
+
+    #[test]
+    fn endpoint_picks_the_first_of_a_scheme() {
+        let instance = with_endpoints(&[
+            "grpc://10.0.0.1:9000?isSecure=true",
+            "http://10.0.0.1:8000?isSecure=false",
+            "http://10.0.0.2:8000",
+        ]);
+        assert_eq!(
+            instance.endpoint("http"),
+            Some(("10.0.0.1:8000".into(), false))
+        );
+        assert_eq!(
+            instance.endpoint("grpc"),
+            Some(("10.0.0.1:9000".into(), true))
+        );
+        assert_eq!(instance.endpoint("https"), None);
+    }
+
+    #[test]
+    fn endpoint_reads_the_secure_flag_and_ignores_paths() {
+        let instance = with_endpoints(&["HTTP://[::1]:8443/base?x=1&isSecure=TRUE"]);
+        assert_eq!(instance.endpoint("http"), Some(("[::1]:8443".into(), true)));
+        let instance = with_endpoints(&["http://h:1?isSecure=yes", "http://"]);
+        assert_eq!(instance.endpoint("http"), Some(("h:1".into(), false)));
+        assert_eq!(with_endpoints(&["http://"]).endpoint("http"), None);
+        assert_eq!(with_endpoints(&["127.0.0.1:80"]).endpoint("http"), None);
+    }
+
+    #[test]
+    fn json_shape_is_kratos() {
+        let instance: ServiceInstance = serde_json::from_str(
+            r#"{"id":"1","name":"helloworld","version":"v1","metadata":{"weight":"5"},
+                "endpoints":["http://127.0.0.1:8000?isSecure=false"]}"#,
+        )
+        .expect("Kratos JSON");
+        assert_eq!(
+            instance.metadata.get("weight").map(String::as_str),
+            Some("5")
+        );
+        let minimal: ServiceInstance =
+            serde_json::from_str(r#"{"id":"1","name":"s","version":""}"#).expect("no maps");
+        assert!(minimal.endpoints.is_empty() && minimal.metadata.is_empty());
+        let text = serde_json::to_string(&minimal).expect("serialise");
+        assert_eq!(
+            text,
+            r#"{"id":"1","name":"s","version":"","metadata":{},"endpoints":[]}"#
+        );
+    }
 }

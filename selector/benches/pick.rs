@@ -58,10 +58,10 @@ fn filtered(c: &mut Criterion) {
     group.finish();
 }
 
-/// Four threads picking from the same selector; time per pick of one thread.
+/// Two threads picking from the same selector; time per pick of one thread.
 fn contended(c: &mut Criterion) {
-    const THREADS: u64 = 4;
-    let mut group = c.benchmark_group("select+done/4-threads");
+    const THREADS: u64 = 2;
+    let mut group = c.benchmark_group("select+done/2-threads");
     for algorithm in ALGORITHMS {
         let selector = selector_with(algorithm, 10);
         group.bench_with_input(

@@ -108,9 +108,16 @@ impl<S> Candidates<S> for [&Entry<S>] {
 }
 
 /// The entries passing every filter.
-pub(crate) fn eligible<'a, S>(entries: &'a [Entry<S>], filters: &[NodeFilter]) -> Vec<&'a Entry<S>> {
-    entries
-        .iter()
-        .filter(|entry| filters.iter().all(|filter| filter(&entry.node)))
-        .collect()
+pub(crate) fn eligible<'a, S>(
+    entries: &'a [Entry<S>],
+    filters: &[NodeFilter],
+) -> Vec<&'a Entry<S>> {
+    // One allocation, sized for the worst case, instead of regrowing as matches come in.
+    let mut passing = Vec::with_capacity(entries.len());
+    passing.extend(
+        entries
+            .iter()
+            .filter(|entry| filters.iter().all(|filter| filter(&entry.node))),
+    );
+    passing
 }

@@ -7,7 +7,9 @@
 //! share of traffic at once instead of waiting for a penalty to wear off. If the losing node
 //! has not been picked for more than [`FORCE_PICK_GAP`], it is picked instead, at most once
 //! per gap, so a node that failed once can show it recovered. `Node::weight` is not used, as
-//! in Kratos' p2c.
+//! in Kratos' p2c. Kratos also predicts latency from the age of in-flight requests; that needs
+//! a list of start times, so it is left out: a hung node's growing in-flight count already
+//! drives its score down.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -38,6 +40,12 @@ impl P2c {
         } else {
             pick(eligible(&entries, filters).as_slice(), now)
         }
+    }
+
+    /// Replaces the nodes as of `now`: a new node counts as just picked, so it is not owed a
+    /// forced pick before [`FORCE_PICK_GAP`].
+    pub(crate) fn apply_at(&self, nodes: Vec<Node>, now: Instant) {
+        self.nodes.apply(nodes, || NodeStats::new(now));
     }
 
     /// The statistics of the node at `address`, if present (tests).
@@ -97,7 +105,7 @@ impl Selector for P2c {
     }
 
     fn apply(&self, nodes: Vec<Node>) {
-        self.nodes.apply(nodes, NodeStats::default);
+        self.apply_at(nodes, Instant::now());
     }
 
     fn nodes(&self) -> Vec<Arc<Node>> {

@@ -16,7 +16,10 @@ const FAILED: DoneInfo = DoneInfo { success: false };
 const ALL: [Algorithm; 3] = [Algorithm::P2c, Algorithm::Wrr, Algorithm::Random];
 
 fn nodes(addresses: &[&str]) -> Vec<Node> {
-    addresses.iter().map(|address| Node::new(*address)).collect()
+    addresses
+        .iter()
+        .map(|address| Node::new(*address))
+        .collect()
 }
 
 fn weighted(address: &str, weight: i64) -> Node {
@@ -50,6 +53,14 @@ fn addresses(list: &[Arc<Node>]) -> Vec<&str> {
 }
 
 #[test]
+fn done_and_selectors_cross_threads() {
+    fn assert_send_sync<T: Send + Sync + 'static>() {}
+    assert_send_sync::<crate::Done>();
+    assert_send_sync::<Arc<dyn Selector>>();
+    assert_send_sync::<SelectError>();
+}
+
+#[test]
 fn algorithm_parses_config_names() {
     assert_eq!("".parse(), Ok(Algorithm::P2c));
     assert_eq!("p2c".parse(), Ok(Algorithm::P2c));
@@ -67,7 +78,10 @@ fn algorithm_parses_config_names() {
 fn empty_set_has_no_node() {
     for algorithm in ALL {
         let selector = build(algorithm);
-        assert!(matches!(selector.select(&[]), Err(SelectError::NoAvailable)));
+        assert!(matches!(
+            selector.select(&[]),
+            Err(SelectError::NoAvailable)
+        ));
         selector.apply(nodes(&["a:1"]));
         selector.apply(Vec::new());
         assert!(
@@ -97,7 +111,10 @@ fn filters_exclude_nodes() {
         assert_eq!(picks.values().sum::<usize>(), 600);
         if algorithm != Algorithm::P2c {
             // p2c legitimately settles on whichever node answered faster.
-            assert!(picks["a:1"] > 100 && picks["c:1"] > 100, "{algorithm}: {picks:?}");
+            assert!(
+                picks["a:1"] > 100 && picks["c:1"] > 100,
+                "{algorithm}: {picks:?}"
+            );
         }
 
         let picks = tally(&*selector, &[except("a:1"), except("c:1")], 50);
@@ -120,7 +137,11 @@ fn nodes_lists_apply_order_and_new_fields() {
         selector.apply(vec![weighted("a:1", 7), Node::new("d:1")]);
         let listed = selector.nodes();
         assert_eq!(addresses(&listed), ["a:1", "d:1"], "{algorithm}");
-        assert_eq!(listed[0].weight, Some(7), "apply must publish the new node value");
+        assert_eq!(
+            listed[0].weight,
+            Some(7),
+            "apply must publish the new node value"
+        );
     }
 }
 
@@ -226,7 +247,11 @@ mod wrr {
 
         selector.apply(vec![weighted("a:1", 3)]);
         selector.apply(vec![weighted("a:1", 3), weighted("b:1", 1)]);
-        assert_eq!(selector.current_weight("b:1"), Some(0), "b was removed then re-added");
+        assert_eq!(
+            selector.current_weight("b:1"),
+            Some(0),
+            "b was removed then re-added"
+        );
     }
 }
 
@@ -317,7 +342,10 @@ mod p2c {
         let before: Vec<String> = (0..400)
             .map(|_| round(&selector, &mut clock, &[], healthy))
             .collect();
-        assert!(count(&before, "bad:1") > 100, "both healthy: traffic is shared");
+        assert!(
+            count(&before, "bad:1") > 100,
+            "both healthy: traffic is shared"
+        );
 
         let bad_fails = |address: &str| (ms(20), if address == "bad:1" { FAILED } else { OK });
         for _ in 0..20 {
@@ -358,7 +386,10 @@ mod p2c {
         let mut previous = slow_picked_at;
         for at in forced {
             let gap = at - previous;
-            assert!(gap > FORCE_PICK_GAP && gap < FORCE_PICK_GAP + ms(20), "{gap:?}");
+            assert!(
+                gap > FORCE_PICK_GAP && gap < FORCE_PICK_GAP + ms(20),
+                "{gap:?}"
+            );
             previous = at;
         }
     }
@@ -384,7 +415,7 @@ mod p2c {
         for _ in 0..200 {
             round(&selector, &mut clock, &[], steady);
         }
-        selector.apply(nodes(&["a:1", "b:1", "c:1"]));
+        selector.apply_at(nodes(&["a:1", "b:1", "c:1"]), clock.0);
         let picks: Vec<String> = (0..300)
             .map(|_| round(&selector, &mut clock, &[], steady))
             .collect();
@@ -434,7 +465,11 @@ mod p2c {
         assert_eq!(stats.in_flight(), 0);
         let latency = stats.latency().expect("a latency sample");
         assert!((latency - 40e6).abs() < 1.0, "{latency}");
-        assert_eq!(stats.success(), 0.0, "the first sample replaces the initial value");
+        assert_eq!(
+            stats.success(),
+            0.0,
+            "the first sample replaces the initial value"
+        );
     }
 
     #[test]
@@ -505,7 +540,7 @@ mod p2c {
 #[test]
 fn stress_concurrent_select_and_apply() {
     const THREADS: usize = 4;
-    const PICKS: usize = 5_000;
+    const PICKS: usize = 20_000;
     const SETS: usize = 200;
 
     let universe: Vec<String> = (0..12).map(|i| format!("10.0.0.{i}:80")).collect();
@@ -581,7 +616,10 @@ fn stress_concurrent_select_and_apply() {
                 });
             }
         });
-        assert!(started.elapsed() < Duration::from_secs(30), "stress took too long");
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "stress took too long"
+        );
         let last: Vec<&str> = sets[SETS - 1].iter().map(|n| n.address.as_str()).collect();
         assert_eq!(addresses(&selector.nodes()), last, "{algorithm}");
     }

@@ -25,6 +25,9 @@ pub const INSTALL_HINT: &str = "apt-get install -y etcd-server";
 /// Bound on waiting for a (re)started server to answer.
 const START_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Start-up attempts on fresh ports before giving up.
+const START_ATTEMPTS: u32 = 3;
+
 /// A running etcd process on 127.0.0.1; killed on drop, its data dir removed with it.
 pub struct EtcdServer {
     binary: PathBuf,
@@ -36,6 +39,7 @@ pub struct EtcdServer {
 
 impl EtcdServer {
     /// Starts etcd on free loopback ports and waits (at most 10 s) until it serves reads.
+    /// If a port was taken in the meantime (another test's server), it retries on new ports.
     ///
     /// Panics with the install command if no `etcd` binary is found.
     pub async fn start() -> EtcdServer {
@@ -50,8 +54,20 @@ impl EtcdServer {
             peer_port: free_port(),
             child: None,
         };
-        server.spawn().await;
-        server
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            match server.spawn().await {
+                Ok(()) => return server,
+                Err(error) if attempts >= START_ATTEMPTS => panic!("{error}"),
+                Err(_) => {
+                    server.kill();
+                    let _ = std::fs::remove_dir_all(server.data_dir());
+                    server.client_port = free_port();
+                    server.peer_port = free_port();
+                }
+            }
+        }
     }
 
     /// `127.0.0.1:PORT` of the client API.
@@ -70,7 +86,9 @@ impl EtcdServer {
     /// Starts the process again on the same ports and data dir, waiting until it serves.
     pub async fn restart(&mut self) {
         self.kill();
-        self.spawn().await;
+        if let Err(error) = self.spawn().await {
+            panic!("{error}");
+        }
     }
 
     /// A fresh client for this server.
@@ -85,8 +103,11 @@ impl EtcdServer {
     /// the revision of the write.
     pub async fn put_instance(&self, namespace: &str, instance: &ServiceInstance) -> i64 {
         let value = serde_json::to_string(instance).expect("serialise the instance");
-        self.put_raw(&instance_key(namespace, &instance.name, &instance.id), &value)
-            .await
+        self.put_raw(
+            &instance_key(namespace, &instance.name, &instance.id),
+            &value,
+        )
+        .await
     }
 
     /// Writes any value under any key (for malformed entries). Returns the revision.
@@ -140,7 +161,7 @@ impl EtcdServer {
         self.dir.path().join("etcd.log")
     }
 
-    async fn spawn(&mut self) {
+    async fn spawn(&mut self) -> Result<(), String> {
         let client_url = format!("http://127.0.0.1:{}", self.client_port);
         let peer_url = format!("http://127.0.0.1:{}", self.peer_port);
         let log = std::fs::OpenOptions::new()
@@ -172,36 +193,48 @@ impl EtcdServer {
             .spawn()
             .unwrap_or_else(|error| panic!("spawn {}: {error}", self.binary.display()));
         self.child = Some(child);
-        self.wait_ready().await;
+        self.wait_ready(&client_url, &peer_url).await
     }
 
-    /// Polls a read until it succeeds; panics with the log tail after [`START_TIMEOUT`].
-    async fn wait_ready(&mut self) {
+    /// Polls until the server answers as *our* member (a port taken by another test's
+    /// server must not pass); gives up after [`START_TIMEOUT`] with the log tail.
+    async fn wait_ready(&mut self, client_url: &str, peer_url: &str) -> Result<(), String> {
         let deadline = Instant::now() + START_TIMEOUT;
-        let url = format!("http://{}", self.endpoint());
         loop {
             if let Some(child) = self.child.as_mut()
                 && let Ok(Some(status)) = child.try_wait()
             {
-                panic!(
+                return Err(format!(
                     "etcd exited during start-up with {status}; log tail:\n{}",
                     log_tail(&self.log_path())
-                );
+                ));
             }
             let attempt = async {
                 let options =
                     ConnectOptions::new().with_connect_timeout(Duration::from_millis(500));
-                let mut client = Client::connect([url.as_str()], Some(options)).await?;
-                client.get("health-probe", None).await
+                let mut client = Client::connect([client_url], Some(options)).await?;
+                let members = client.member_list().await?;
+                let ours = members
+                    .members()
+                    .iter()
+                    .any(|member| member.peer_urls().iter().any(|url| url == peer_url));
+                client.get("health-probe", None).await?;
+                Ok::<_, etcd_client::Error>(ours)
             };
-            if let Ok(Ok(_)) = tokio::time::timeout(Duration::from_secs(1), attempt).await {
-                return;
+            match tokio::time::timeout(Duration::from_secs(1), attempt).await {
+                Ok(Ok(true)) => return Ok(()),
+                Ok(Ok(false)) => {
+                    return Err(format!(
+                        "another etcd answers on {client_url}; ours did not start"
+                    ));
+                }
+                _ => {}
             }
             if Instant::now() >= deadline {
-                panic!(
-                    "etcd did not become ready on {url} within {START_TIMEOUT:?}; log tail:\n{}",
+                return Err(format!(
+                    "etcd did not become ready on {client_url} within {START_TIMEOUT:?}; log tail:\n{}",
                     log_tail(&self.log_path())
-                );
+                ));
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }

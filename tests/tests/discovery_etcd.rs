@@ -14,7 +14,10 @@ fn discovery_for(etcd: &EtcdServer) -> EtcdDiscovery {
 }
 
 fn ids(instances: &[ServiceInstance]) -> Vec<&str> {
-    instances.iter().map(|instance| instance.id.as_str()).collect()
+    instances
+        .iter()
+        .map(|instance| instance.id.as_str())
+        .collect()
 }
 
 /// The next snapshot, which must arrive within `limit` and be Ok.
@@ -54,7 +57,10 @@ async fn snapshots_follow_puts_and_deletes() {
         .await;
     let discovery = discovery_for(&etcd);
 
-    let current = discovery.get_service("helloworld").await.expect("get_service");
+    let current = discovery
+        .get_service("helloworld")
+        .await
+        .expect("get_service");
     assert_eq!(ids(&current), ["a", "b"]);
 
     let mut watcher = discovery.watch("helloworld").await.expect("watch");
@@ -104,7 +110,11 @@ async fn put_to_snapshot_latency() {
     let etcd = EtcdServer::start().await;
     let discovery = discovery_for(&etcd);
     let mut watcher = discovery.watch("latency").await.expect("watch");
-    assert!(next_within(&mut watcher, Duration::from_secs(5)).await.is_empty());
+    assert!(
+        next_within(&mut watcher, Duration::from_secs(5))
+            .await
+            .is_empty()
+    );
     // Open the watch stream before measuring (the second next() opens it).
     etcd.put_instance(NAMESPACE, &instance("latency", "warm-up", "127.0.0.1:1"))
         .await;
@@ -113,8 +123,12 @@ async fn put_to_snapshot_latency() {
     let client = etcd.client().await;
     let mut samples = Vec::new();
     for round in 0..20 {
-        let value = serde_json::to_string(&instance("latency", "x", &format!("127.0.0.1:{}", 2000 + round)))
-            .expect("serialise");
+        let value = serde_json::to_string(&instance(
+            "latency",
+            "x",
+            &format!("127.0.0.1:{}", 2000 + round),
+        ))
+        .expect("serialise");
         let mut kv = client.kv_client();
         let started = Instant::now();
         kv.put(instance_key(NAMESPACE, "latency", "x"), value, None)
@@ -122,7 +136,11 @@ async fn put_to_snapshot_latency() {
             .expect("put");
         let snapshot = next_within(&mut watcher, Duration::from_secs(1)).await;
         samples.push(started.elapsed());
-        assert!(snapshot.iter().any(|instance| instance.endpoints[0].contains(&format!(":{}", 2000 + round))));
+        assert!(
+            snapshot
+                .iter()
+                .any(|instance| instance.endpoints[0].contains(&format!(":{}", 2000 + round)))
+        );
     }
     samples.sort();
     eprintln!(
@@ -149,7 +167,10 @@ async fn sibling_service_does_not_leak() {
     );
 
     let mut watcher = discovery.watch("helloworld").await.expect("watch");
-    assert_eq!(ids(&next_within(&mut watcher, Duration::from_secs(5)).await), ["a"]);
+    assert_eq!(
+        ids(&next_within(&mut watcher, Duration::from_secs(5)).await),
+        ["a"]
+    );
 
     // A change to helloworld2 alone must not produce a helloworld snapshot: the next one is
     // caused by the helloworld put that follows, and holds only helloworld instances.
@@ -166,7 +187,10 @@ async fn sibling_service_does_not_leak() {
     etcd.put_instance("/other", &instance("helloworld", "q", "127.0.0.1:7001"))
         .await;
     etcd.delete_instance(NAMESPACE, "helloworld", "a").await;
-    assert_eq!(ids(&next_within(&mut watcher, Duration::from_secs(1)).await), ["b"]);
+    assert_eq!(
+        ids(&next_within(&mut watcher, Duration::from_secs(1)).await),
+        ["b"]
+    );
 }
 
 #[tokio::test]
@@ -174,19 +198,28 @@ async fn unparsable_values_are_skipped() {
     let etcd = EtcdServer::start().await;
     etcd.put_instance(NAMESPACE, &instance("helloworld", "a", "127.0.0.1:8001"))
         .await;
-    etcd.put_raw(&instance_key(NAMESPACE, "helloworld", "broken"), "{not json")
-        .await;
+    etcd.put_raw(
+        &instance_key(NAMESPACE, "helloworld", "broken"),
+        "{not json",
+    )
+    .await;
     let discovery = discovery_for(&etcd);
     assert_eq!(
         ids(&discovery.get_service("helloworld").await.expect("get")),
         ["a"]
     );
     let mut watcher = discovery.watch("helloworld").await.expect("watch");
-    assert_eq!(ids(&next_within(&mut watcher, Duration::from_secs(5)).await), ["a"]);
+    assert_eq!(
+        ids(&next_within(&mut watcher, Duration::from_secs(5)).await),
+        ["a"]
+    );
 
     // A bad value arriving through the watch is skipped too; the others stay.
-    etcd.put_raw(&instance_key(NAMESPACE, "helloworld", "b"), "\"just a string\"")
-        .await;
+    etcd.put_raw(
+        &instance_key(NAMESPACE, "helloworld", "b"),
+        "\"just a string\"",
+    )
+    .await;
     etcd.put_instance(NAMESPACE, &instance("helloworld", "c", "127.0.0.1:8003"))
         .await;
     let (snapshot, _) = wait_for(&mut watcher, Duration::from_secs(2), |snapshot| {
@@ -198,7 +231,10 @@ async fn unparsable_values_are_skipped() {
     // Overwriting a good instance with garbage removes that instance only.
     etcd.put_raw(&instance_key(NAMESPACE, "helloworld", "a"), "garbage")
         .await;
-    assert_eq!(ids(&next_within(&mut watcher, Duration::from_secs(1)).await), ["c"]);
+    assert_eq!(
+        ids(&next_within(&mut watcher, Duration::from_secs(1)).await),
+        ["c"]
+    );
 }
 
 #[tokio::test]
@@ -210,7 +246,10 @@ async fn watcher_recovers_after_etcd_restart() {
         .await;
     let discovery = discovery_for(&etcd);
     let mut watcher = discovery.watch("helloworld").await.expect("watch");
-    assert_eq!(ids(&next_within(&mut watcher, Duration::from_secs(5)).await), ["a", "b"]);
+    assert_eq!(
+        ids(&next_within(&mut watcher, Duration::from_secs(5)).await),
+        ["a", "b"]
+    );
     etcd.put_instance(NAMESPACE, &instance("helloworld", "c", "127.0.0.1:8003"))
         .await;
     assert_eq!(
@@ -265,12 +304,16 @@ async fn compaction_past_the_watch_revision_lists_again() {
     let discovery = discovery_for(&etcd);
     let mut watcher = discovery.watch("helloworld").await.expect("watch");
     // The first next() lists; the watch from that revision + 1 opens on the next call.
-    assert_eq!(ids(&next_within(&mut watcher, Duration::from_secs(5)).await), ["a"]);
+    assert_eq!(
+        ids(&next_within(&mut watcher, Duration::from_secs(5)).await),
+        ["a"]
+    );
 
     etcd.put_instance(NAMESPACE, &instance("helloworld", "b", "127.0.0.1:8002"))
         .await;
     etcd.delete_instance(NAMESPACE, "helloworld", "a").await;
-    etcd.put_instance(NAMESPACE, &instance("other", "x", "127.0.0.1:1")).await;
+    etcd.put_instance(NAMESPACE, &instance("other", "x", "127.0.0.1:1"))
+        .await;
     etcd.compact().await;
 
     // Watching from the old revision is refused as compacted; the watcher lists again.
@@ -297,7 +340,10 @@ async fn unreachable_etcd_is_an_error_not_a_hang() {
     let started = Instant::now();
     let result = tokio::time::timeout(Duration::from_secs(10), discovery.get_service("x")).await;
     assert!(matches!(result, Ok(Err(_))), "{result:?}");
-    eprintln!("get_service against a dead port failed after {:?}", started.elapsed());
+    eprintln!(
+        "get_service against a dead port failed after {:?}",
+        started.elapsed()
+    );
 
     let mut watcher = discovery.watch("x").await.expect("watch is lazy");
     let result = tokio::time::timeout(Duration::from_secs(10), watcher.next()).await;

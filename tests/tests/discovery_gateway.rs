@@ -158,7 +158,10 @@ async fn consul_registry_drives_traffic() {
     let routed = routed.expect("c receives traffic");
     eprintln!("consul register -> first request routed to the new node: {routed:?}");
 
-    // The index going backwards (a registry restore) resets the watch; changes still arrive.
+    // The index going backwards (a registry restore) while the watch is blocked resets it;
+    // changes still arrive. (A query sent after the drop waits out its `wait`, as on a real
+    // agent: the discovery tests cover that case with a short wait.)
+    tokio::time::sleep(Duration::from_millis(200)).await;
     consul.set_index(1);
     consul.deregister("a").await;
     assert!(
