@@ -111,7 +111,12 @@ pub async fn run(
         Ok(())
     });
     let debug = cli.debug.then(|| {
-        Arc::new(debug_views::mux(loader.clone(), current, proxy.clone(), watcher.clone()))
+        Arc::new(debug_views::mux(
+            loader.clone(),
+            current,
+            proxy.clone(),
+            watcher.clone(),
+        ))
     });
     let options = ServerOptions {
         header_read_timeout: cli.header_read_timeout,

@@ -43,12 +43,12 @@ struct Head {
 }
 
 impl Head {
-    fn request(&self, body: Body) -> Request<Body> {
+    fn request(&self, body: Body, headers: HeaderMap) -> Request<Body> {
         let mut request = Request::new(body);
         *request.method_mut() = self.method.clone();
         *request.uri_mut() = self.uri.clone();
         *request.version_mut() = self.version;
-        *request.headers_mut() = self.headers.clone();
+        *request.headers_mut() = headers;
         request
     }
 }
@@ -98,11 +98,18 @@ impl EndpointHandler {
 
     /// Proxies one request; every failure becomes a response.
     pub async fn serve(&self, req: Request<Body>, remote: SocketAddr) -> Response<Body> {
-        let start = Instant::now();
         self.in_flight.inc();
         let _in_flight = GaugeGuard(&self.in_flight);
         self.retry.budget().deposit();
         let (parts, body) = req.into_parts();
+        let mut record = Record {
+            handler: self,
+            start: Instant::now(),
+            method: parts.method.clone(),
+            uri: parts.uri.clone(),
+            options: RequestOptions::new(self.info.clone(), Some(remote)),
+            finished: false,
+        };
         let mut head = Head { method: parts.method, uri: parts.uri, version: parts.version, headers: parts.headers };
         let grpc = self.info.protocol == configs::Protocol::Grpc;
         strip_hop_by_hop(&mut head.headers, grpc);
@@ -110,51 +117,31 @@ impl EndpointHandler {
         if let Some(length) = body.size_hint().exact() {
             self.metrics.rx_bytes.inc_by(length);
         }
-        let mut options = RequestOptions::new(self.info.clone(), Some(remote));
+        let attempts = self.attempts(&mut head, body, &mut record.options);
         let outcome = match self.timeout {
-            Some(timeout) => tokio::time::timeout(timeout, self.attempts(&head, body, &mut options))
-                .await
-                .unwrap_or(Err(ProxyError::Timeout)),
-            None => self.attempts(&head, body, &mut options).await,
+            Some(timeout) => tokio::time::timeout(timeout, attempts).await.unwrap_or(Err(ProxyError::Timeout)),
+            None => attempts.await,
         };
-        let backend = options.backend.get();
-        let backend = backend.as_ref().map_or("", |node| node.address.as_str());
-        let mut response = match outcome {
+        let response = match outcome {
             Ok(mut response) => {
                 strip_hop_by_hop(response.headers_mut(), false);
                 response
             }
             Err(err) => {
+                let backend = record.options.backend.get();
+                let backend = backend.as_ref().map_or("", |node| node.address.as_str());
                 tracing::warn!(endpoint = %self.info.path, backend, error = %err, "request failed");
                 error_response(&err, self.info.protocol)
             }
         };
-        let status = response.status().as_u16();
-        let elapsed = start.elapsed();
-        self.metrics.count_code(status);
-        self.metrics.duration.observe(elapsed.as_secs_f64());
-        if options.attempt > 1 {
-            let ok = !response.status().is_server_error();
-            if ok { self.metrics.retry_success.inc() } else { self.metrics.retry_failure.inc() }
-        }
-        tracing::info!(
-            target: "access",
-            method = %head.method,
-            path = head.uri.path(),
-            endpoint = %self.info.path,
-            backend,
-            status,
-            attempts = options.attempt,
-            latency_ms = elapsed.as_secs_f64() * 1000.0,
-        );
+        record.finish(response.status().as_u16());
         let tx = self.metrics.tx_bytes.clone();
-        response = response.map(|body| CountingBody { inner: body, counter: tx, count: 0 }.boxed_unsync());
-        response
+        response.map(|body| CountingBody { inner: body, counter: tx, count: 0 }.boxed_unsync())
     }
 
     async fn attempts(
         &self,
-        head: &Head,
+        head: &mut Head,
         body: Body,
         options: &mut RequestOptions,
     ) -> Result<Response<Body>, ProxyError> {
@@ -183,7 +170,13 @@ impl EndpointHandler {
                 (None, Some(body)) => body,
                 (None, None) => middleware::empty_body(),
             };
-            let mut request = head.request(body);
+            // The last possible attempt takes the headers instead of copying them.
+            let headers = if attempt < attempts {
+                head.headers.clone()
+            } else {
+                std::mem::take(&mut head.headers)
+            };
+            let mut request = head.request(body, headers);
             request.extensions_mut().insert(options.clone());
             let call = round_trip(self.tripper.clone(), request);
             let result = match self.retry.per_try_timeout {
@@ -228,6 +221,53 @@ impl Drop for EndpointHandler {
 async fn round_trip(mut tripper: RoundTripper, request: Request<Body>) -> Result<Response<Body>, BoxError> {
     std::future::poll_fn(|cx| tripper.poll_ready(cx)).await?;
     tripper.call(request).await
+}
+
+/// Metrics and the access-log line of one request. Written when the response head is
+/// ready, or with status 499 when the client went away first (the future was dropped).
+struct Record<'a> {
+    handler: &'a EndpointHandler,
+    start: Instant,
+    method: Method,
+    uri: Uri,
+    options: RequestOptions,
+    finished: bool,
+}
+
+impl Record<'_> {
+    fn finish(&mut self, status: u16) {
+        self.finished = true;
+        let handler = self.handler;
+        let elapsed = self.start.elapsed();
+        handler.metrics.count_code(status);
+        handler.metrics.duration.observe(elapsed.as_secs_f64());
+        if self.options.attempt > 1 {
+            if status < 500 {
+                handler.metrics.retry_success.inc();
+            } else {
+                handler.metrics.retry_failure.inc();
+            }
+        }
+        let backend = self.options.backend.get();
+        tracing::info!(
+            target: "access",
+            method = %self.method,
+            path = self.uri.path(),
+            endpoint = %handler.info.path,
+            backend = backend.as_ref().map_or("", |node| node.address.as_str()),
+            status,
+            attempts = self.options.attempt,
+            latency_ms = elapsed.as_secs_f64() * 1000.0,
+        );
+    }
+}
+
+impl Drop for Record<'_> {
+    fn drop(&mut self) {
+        if !self.finished {
+            self.finish(499);
+        }
+    }
 }
 
 struct GaugeGuard<'a>(&'a prometheus::IntGauge);
