@@ -13,7 +13,6 @@ use crate::watcher::{ServiceWatcher, Subscription};
 /// snapshot. Nodes of every backend are merged into one set; the selector keeps the
 /// statistics of nodes that survive an update.
 pub struct NodeApplier {
-    state: Arc<State>,
     subscriptions: Mutex<Vec<Subscription>>,
 }
 
@@ -32,13 +31,18 @@ enum Target {
 }
 
 fn parse_target(target: &str) -> Result<Target, BuildError> {
-    let bad = |reason: &str| BuildError::BadTarget { target: target.into(), reason: reason.into() };
+    let bad = |reason: &str| BuildError::BadTarget {
+        target: target.into(),
+        reason: reason.into(),
+    };
     if let Some(rest) = target.strip_prefix("discovery://") {
         let service = rest.rsplit('/').next().unwrap_or_default();
         if service.is_empty() {
             return Err(bad("missing service name (discovery:///NAME)"));
         }
-        return Ok(Target::Discovery { service: service.to_string() });
+        return Ok(Target::Discovery {
+            service: service.to_string(),
+        });
     }
     let (tls, rest) = if let Some(rest) = target.strip_prefix("https://") {
         (true, rest)
@@ -53,9 +57,13 @@ fn parse_target(target: &str) -> Result<Target, BuildError> {
     if authority.is_empty() || authority.contains('/') {
         return Err(bad("expected host:port"));
     }
-    let authority: http::uri::Authority = authority.parse().map_err(|_| bad("expected host:port"))?;
+    let authority: http::uri::Authority =
+        authority.parse().map_err(|_| bad("expected host:port"))?;
     let port = authority.port_u16().unwrap_or(if tls { 443 } else { 80 });
-    Ok(Target::Direct { address: format!("{}:{port}", authority.host()), tls })
+    Ok(Target::Direct {
+        address: format!("{}:{port}", authority.host()),
+        tls,
+    })
 }
 
 impl NodeApplier {
@@ -80,7 +88,9 @@ impl NodeApplier {
                 }),
                 Target::Discovery { service } => {
                     if watcher.is_none() {
-                        return Err(BuildError::NoDiscovery { target: backend.target.clone() });
+                        return Err(BuildError::NoDiscovery {
+                            target: backend.target.clone(),
+                        });
                     }
                     weights.insert(service, backend.weight);
                 }
@@ -115,7 +125,9 @@ impl NodeApplier {
                 ));
             }
         }
-        Ok(Self { state, subscriptions: Mutex::new(subscriptions) })
+        Ok(Self {
+            subscriptions: Mutex::new(subscriptions),
+        })
     }
 
     /// Unsubscribes from every watched service; the selector keeps its last nodes.
@@ -134,7 +146,10 @@ impl State {
             .filter_map(|instance| {
                 let (address, tls) = instance.endpoint(self.scheme)?;
                 let weight = weight.or_else(|| {
-                    instance.metadata.get("weight").and_then(|w| w.parse::<i64>().ok())
+                    instance
+                        .metadata
+                        .get("weight")
+                        .and_then(|w| w.parse::<i64>().ok())
                 });
                 Some(Node {
                     address,
@@ -180,9 +195,18 @@ mod tests {
             Ok(Target::Direct { address, tls }) => Some((address, tls)),
             _ => None,
         };
-        assert_eq!(direct("127.0.0.1:8000"), Some(("127.0.0.1:8000".into(), false)));
-        assert_eq!(direct("http://localhost:81"), Some(("localhost:81".into(), false)));
-        assert_eq!(direct("https://example.com"), Some(("example.com:443".into(), true)));
+        assert_eq!(
+            direct("127.0.0.1:8000"),
+            Some(("127.0.0.1:8000".into(), false))
+        );
+        assert_eq!(
+            direct("http://localhost:81"),
+            Some(("localhost:81".into(), false))
+        );
+        assert_eq!(
+            direct("https://example.com"),
+            Some(("example.com:443".into(), true))
+        );
         assert_eq!(direct("localhost"), Some(("localhost:80".into(), false)));
         assert!(matches!(
             parse_target("discovery:///helloworld"),

@@ -22,7 +22,11 @@ pin_project_lite::pin_project! {
 impl<B> DoneBody<B> {
     /// Wraps `inner`; `success` is the outcome judged from the response head.
     pub fn new(inner: B, done: Done, success: bool) -> Self {
-        Self { inner, done: Some(done), success }
+        Self {
+            inner,
+            done: Some(done),
+            success,
+        }
     }
 }
 
@@ -42,7 +46,9 @@ where
         match this.inner.poll_frame(cx) {
             Poll::Ready(None) => {
                 if let Some(done) = this.done.take() {
-                    done.done(DoneInfo { success: *this.success });
+                    done.done(DoneInfo {
+                        success: *this.success,
+                    });
                 }
                 Poll::Ready(None)
             }

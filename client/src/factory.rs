@@ -58,7 +58,12 @@ impl Factory {
         let default_tls = tls::default_client_config();
         let http1 = pool(&options, default_tls.clone(), false);
         let h2c = pool(&options, default_tls, true);
-        Self { options, http1, h2c, watcher }
+        Self {
+            options,
+            http1,
+            h2c,
+            watcher,
+        }
     }
 
     /// The service watcher, when a registry is configured.
@@ -72,13 +77,20 @@ impl Factory {
         endpoint: &configs::Endpoint,
         tls_store: &std::collections::BTreeMap<String, configs::Tls>,
     ) -> Result<Client, BuildError> {
-        let algorithm: Algorithm = endpoint.selector.parse().map_err(|_| BuildError::BadTarget {
-            target: endpoint.selector.clone(),
-            reason: "unknown selector (p2c, wrr or random)".into(),
-        })?;
+        let algorithm: Algorithm =
+            endpoint
+                .selector
+                .parse()
+                .map_err(|_| BuildError::BadTarget {
+                    target: endpoint.selector.clone(),
+                    reason: "unknown selector (p2c, wrr or random)".into(),
+                })?;
         let selector = selector::build(algorithm);
         let grpc = endpoint.protocol == configs::Protocol::Grpc;
-        let custom_tls = endpoint.backends.iter().find(|b| !b.tls_config_name.is_empty());
+        let custom_tls = endpoint
+            .backends
+            .iter()
+            .find(|b| !b.tls_config_name.is_empty());
         let http = match custom_tls {
             Some(backend) => {
                 let name = &backend.tls_config_name;
@@ -96,15 +108,34 @@ impl Factory {
             None => self.http1.clone(),
         };
         let description = describe(endpoint);
-        let applier =
-            NodeApplier::new(description, endpoint, selector.clone(), self.watcher.clone())?;
-        let version = if grpc { Version::HTTP_2 } else { Version::HTTP_11 };
-        Ok(Client { inner: Arc::new(Inner { selector, http, applier, version }) })
+        let applier = NodeApplier::new(
+            description,
+            endpoint,
+            selector.clone(),
+            self.watcher.clone(),
+        )?;
+        let version = if grpc {
+            Version::HTTP_2
+        } else {
+            Version::HTTP_11
+        };
+        Ok(Client {
+            inner: Arc::new(Inner {
+                selector,
+                http,
+                applier,
+                version,
+            }),
+        })
     }
 }
 
 fn describe(endpoint: &configs::Endpoint) -> String {
-    let method = if endpoint.method.is_empty() { "*" } else { &endpoint.method };
+    let method = if endpoint.method.is_empty() {
+        "*"
+    } else {
+        &endpoint.method
+    };
     if endpoint.host.is_empty() {
         format!("{method} {}", endpoint.path)
     } else {
@@ -118,7 +149,9 @@ fn pool(options: &ClientOptions, tls: rustls::ClientConfig, http2_only: bool) ->
     http.set_nodelay(true);
     http.set_connect_timeout(Some(options.connect_timeout));
     http.set_keepalive(Some(Duration::from_secs(60)));
-    let builder = hyper_rustls::HttpsConnectorBuilder::new().with_tls_config(tls).https_or_http();
+    let builder = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_or_http();
     let connector = if http2_only {
         builder.enable_http2().wrap_connector(http)
     } else {
@@ -179,17 +212,21 @@ impl Inner {
             return self.selector.select(&[]).map_err(|_| Error::NoNode);
         };
         if options.tried.is_empty() {
-            return self.selector.select(&options.filters).map_err(|_| Error::NoNode);
+            return self
+                .selector
+                .select(&options.filters)
+                .map_err(|_| Error::NoNode);
         }
         // Avoid nodes already tried while another one is available.
         let tried = options.tried.clone();
         let mut filters: Vec<NodeFilter> = options.filters.clone();
-        filters.push(Arc::new(move |node: &Node| !tried.iter().any(|a| *a == node.address)));
+        filters.push(Arc::new(move |node: &Node| !tried.contains(&node.address)));
         match self.selector.select(&filters) {
             Ok(pick) => Ok(pick),
-            Err(SelectError::NoAvailable) => {
-                self.selector.select(&options.filters).map_err(|_| Error::NoNode)
-            }
+            Err(SelectError::NoAvailable) => self
+                .selector
+                .select(&options.filters)
+                .map_err(|_| Error::NoNode),
         }
     }
 
@@ -206,13 +243,20 @@ impl Inner {
                 }
             }
         }
-        let path = req.uri().path_and_query().map(|p| p.as_str()).unwrap_or("/");
+        let path = req
+            .uri()
+            .path_and_query()
+            .map(|p| p.as_str())
+            .unwrap_or("/");
         let uri = Uri::builder()
             .scheme(if node.tls { "https" } else { "http" })
             .authority(node.address.as_str())
             .path_and_query(path)
             .build()
-            .map_err(|source| Error::InvalidUri { address: node.address.clone(), source })?;
+            .map_err(|source| Error::InvalidUri {
+                address: node.address.clone(),
+                source,
+            })?;
         *req.uri_mut() = uri;
         *req.version_mut() = self.version;
         match self.http.request(req).await {

@@ -13,7 +13,9 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
 
 /// Settings for nodes that say `isSecure=true` without a tlsStore entry: Mozilla's roots.
 pub(crate) fn default_client_config() -> ClientConfig {
-    let roots = RootCertStore { roots: webpki_roots::TLS_SERVER_ROOTS.to_vec() };
+    let roots = RootCertStore {
+        roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
+    };
     ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .map(|builder| builder.with_root_certificates(roots).with_no_client_auth())
@@ -31,7 +33,9 @@ pub(crate) fn client_config(settings: &configs::Tls) -> Result<ClientConfig, Str
         .with_safe_default_protocol_versions()
         .map_err(|err| err.to_string())?;
     let builder = if settings.insecure {
-        builder.dangerous().with_custom_certificate_verifier(Arc::new(AcceptAnyCertificate))
+        builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(AcceptAnyCertificate))
     } else if settings.cacert.is_empty() {
         builder.with_root_certificates(RootCertStore {
             roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
@@ -49,7 +53,9 @@ pub(crate) fn client_config(settings: &configs::Tls) -> Result<ClientConfig, Str
     let chain = certificates(&settings.cert, "cert")?;
     let key = PrivateKeyDer::from_pem_slice(settings.key.as_bytes())
         .map_err(|err| format!("key: {err}"))?;
-    builder.with_client_auth_cert(chain, key).map_err(|err| format!("cert/key: {err}"))
+    builder
+        .with_client_auth_cert(chain, key)
+        .map_err(|err| format!("cert/key: {err}"))
 }
 
 fn certificates(pem: &str, field: &str) -> Result<Vec<CertificateDer<'static>>, String> {
@@ -97,6 +103,8 @@ impl ServerCertVerifier for AcceptAnyCertificate {
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        rustls::crypto::ring::default_provider().signature_verification_algorithms.supported_schemes()
+        rustls::crypto::ring::default_provider()
+            .signature_verification_algorithms
+            .supported_schemes()
     }
 }

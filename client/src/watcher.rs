@@ -85,12 +85,20 @@ impl ServiceWatcher {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let current = watched.instances.lock().ok().and_then(|i| i.clone());
         if let Ok(mut subscribers) = watched.subscribers.lock() {
-            subscribers.push(Subscriber { id, description, callback: callback.clone(), node_count });
+            subscribers.push(Subscriber {
+                id,
+                description,
+                callback: callback.clone(),
+                node_count,
+            });
         }
         if let Some(instances) = current {
             callback(&instances);
         }
-        Subscription { id, watched: Arc::downgrade(&watched) }
+        Subscription {
+            id,
+            watched: Arc::downgrade(&watched),
+        }
     }
 
     fn watched(self: &Arc<Self>, service: &str) -> Arc<Watched> {
@@ -122,8 +130,11 @@ impl ServiceWatcher {
 
     /// Every watched service with its latest instances.
     pub fn all_instances(&self) -> BTreeMap<String, Vec<ServiceInstance>> {
-        let names: Vec<String> =
-            self.services.lock().map(|s| s.keys().cloned().collect()).unwrap_or_default();
+        let names: Vec<String> = self
+            .services
+            .lock()
+            .map(|s| s.keys().cloned().collect())
+            .unwrap_or_default();
         names
             .into_iter()
             .filter_map(|name| self.instances(&name).map(|instances| (name, instances)))
@@ -137,14 +148,20 @@ impl ServiceWatcher {
         Some(
             subscribers
                 .iter()
-                .map(|s| ApplierInfo { endpoint: s.description.clone(), nodes: (s.node_count)() })
+                .map(|s| ApplierInfo {
+                    endpoint: s.description.clone(),
+                    nodes: (s.node_count)(),
+                })
                 .collect(),
         )
     }
 
     /// Names of the watched services.
     pub fn services(&self) -> Vec<String> {
-        self.services.lock().map(|s| s.keys().cloned().collect()).unwrap_or_default()
+        self.services
+            .lock()
+            .map(|s| s.keys().cloned().collect())
+            .unwrap_or_default()
     }
 
     /// Waits until every watched service has its first snapshot, or `timeout` passes.
@@ -153,7 +170,11 @@ impl ServiceWatcher {
         let pending: Vec<(String, watch::Receiver<bool>)> = self
             .services
             .lock()
-            .map(|s| s.iter().map(|(n, w)| (n.clone(), w.ready.subscribe())).collect())
+            .map(|s| {
+                s.iter()
+                    .map(|(n, w)| (n.clone(), w.ready.subscribe()))
+                    .collect()
+            })
             .unwrap_or_default();
         let deadline = tokio::time::Instant::now() + timeout;
         let mut unresolved = Vec::new();
@@ -229,7 +250,6 @@ async fn run_watch(
             };
             match next {
                 Ok(instances) => {
-                    backoff = Duration::from_millis(100);
                     tracing::info!(%service, instances = instances.len(), "service snapshot");
                     watched.publish(instances);
                 }

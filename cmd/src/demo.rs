@@ -17,7 +17,9 @@ pub async fn start(addr: &str) -> std::io::Result<()> {
     tracing::warn!(%addr, "DEMO upstream started (--demo): for trying the gateway only");
     tokio::spawn(async move {
         loop {
-            let Ok((stream, _)) = listener.accept().await else { continue };
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
             tokio::spawn(async move {
                 let service = service_fn(|req: Request<Incoming>| async move {
                     let forwarded = req

@@ -4,7 +4,6 @@
 mod debug_views;
 mod demo;
 
-
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -81,11 +80,15 @@ pub async fn run(
     };
     let mut listeners = Vec::new();
     for addr in &cli.addrs {
-        let listener = TcpListener::bind(addr).await.map_err(|err| format!("listen on {addr}: {err}"))?;
+        let listener = TcpListener::bind(addr)
+            .await
+            .map_err(|err| format!("listen on {addr}: {err}"))?;
         listeners.push(listener);
     }
     if cli.demo {
-        demo::start("127.0.0.1:8000").await.map_err(|err| format!("demo upstream: {err}"))?;
+        demo::start("127.0.0.1:8000")
+            .await
+            .map_err(|err| format!("demo upstream: {err}"))?;
     }
     let metrics = Arc::new(Metrics::new());
     let clients = client::Factory::new(client::ClientOptions::default(), watcher.clone());
@@ -94,11 +97,16 @@ pub async fn run(
     let proxy = Arc::new(
         Proxy::new(clients, registry, metrics.clone()).with_close_grace(cli.shutdown_grace),
     );
-    proxy.update(&loaded.gateway).map_err(|err| format!("config: {err}"))?;
+    proxy
+        .update(&loaded.gateway)
+        .map_err(|err| format!("config: {err}"))?;
     if let Some(watcher) = &watcher {
         let unresolved = watcher.wait_ready(cli.initial_resolve_timeout).await;
         if !unresolved.is_empty() {
-            tracing::warn!(?unresolved, "no snapshot yet from the registry; serving anyway");
+            tracing::warn!(
+                ?unresolved,
+                "no snapshot yet from the registry; serving anyway"
+            );
         }
     }
     let current = Arc::new(arc_swap::ArcSwap::from_pointee(loaded.gateway.clone()));
@@ -183,4 +191,3 @@ fn edge_handler(
         Box::pin(async move { proxy.handle(req, remote).await })
     }
 }
-

@@ -59,7 +59,9 @@ fn init_logging() -> tracing_appender::non_blocking::WorkerGuard {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let (writer, guard) = tracing_appender::non_blocking(std::io::stderr());
     let json = std::env::var("GATEWAY_LOG_FORMAT").is_ok_and(|f| f == "json");
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(writer);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(writer);
     if json {
         builder.json().init();
     } else {
@@ -67,7 +69,6 @@ fn init_logging() -> tracing_appender::non_blocking::WorkerGuard {
     }
     guard
 }
-
 
 async fn wait_for_signal() {
     #[cfg(unix)]

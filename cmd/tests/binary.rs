@@ -10,8 +10,14 @@ use std::time::{Duration, Instant};
 const GATEWAY: &str = env!("CARGO_BIN_EXE_gateway");
 
 fn run_to_exit(args: &[&str]) -> (i32, String) {
-    let output = Command::new(GATEWAY).args(args).output().expect("gateway runs");
-    (output.status.code().unwrap_or(-1), String::from_utf8_lossy(&output.stderr).into_owned())
+    let output = Command::new(GATEWAY)
+        .args(args)
+        .output()
+        .expect("gateway runs");
+    (
+        output.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
 }
 
 fn write_temp(name: &str, text: &str) -> (tempfile::TempDir, String) {
@@ -43,7 +49,12 @@ fn invalid_config_exits_2_naming_file_and_line() {
     assert_eq!(code, 2);
     assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
     assert!(stderr.contains("bad.yaml:4:"), "{stderr}");
-    let (code, stderr) = run_to_exit(&["--conf", "/nonexistent/gateway.yaml", "--addr", "127.0.0.1:0"]);
+    let (code, stderr) = run_to_exit(&[
+        "--conf",
+        "/nonexistent/gateway.yaml",
+        "--addr",
+        "127.0.0.1:0",
+    ]);
     assert_eq!(code, 2);
     assert!(stderr.contains("/nonexistent/gateway.yaml"), "{stderr}");
 }
@@ -51,8 +62,14 @@ fn invalid_config_exits_2_naming_file_and_line() {
 #[test]
 fn unparsable_dsn_exits_2() {
     let (_dir, path) = write_temp("ok.yaml", "name: t\nendpoints: []\n");
-    let (code, stderr) =
-        run_to_exit(&["--conf", &path, "--addr", "127.0.0.1:0", "--discovery", "zookeeper://x:1"]);
+    let (code, stderr) = run_to_exit(&[
+        "--conf",
+        &path,
+        "--addr",
+        "127.0.0.1:0",
+        "--discovery",
+        "zookeeper://x:1",
+    ]);
     assert_eq!(code, 2);
     assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
     assert!(stderr.contains("--discovery"), "{stderr}");
@@ -69,7 +86,9 @@ fn slow_upstream(delay: Duration) -> u16 {
                 let mut buf = [0u8; 4096];
                 let _ = stream.read(&mut buf);
                 thread::sleep(delay);
-                let _ = stream.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 4\r\nconnection: close\r\n\r\nslow");
+                let _ = stream.write_all(
+                    b"HTTP/1.1 200 OK\r\ncontent-length: 4\r\nconnection: close\r\n\r\nslow",
+                );
             });
         }
     });
@@ -81,7 +100,9 @@ fn sigterm_drains_in_flight_requests_then_exits_0() {
     let upstream = slow_upstream(Duration::from_millis(800));
     let (_dir, path) = write_temp(
         "gw.yaml",
-        &format!("name: t\nendpoints:\n  - path: /slow\n    backends:\n      - target: 127.0.0.1:{upstream}\n"),
+        &format!(
+            "name: t\nendpoints:\n  - path: /slow\n    backends:\n      - target: 127.0.0.1:{upstream}\n"
+        ),
     );
     let mut child = Command::new(GATEWAY)
         .args(["--conf", &path, "--addr", "127.0.0.1:0"])
@@ -102,23 +123,41 @@ fn sigterm_drains_in_flight_requests_then_exits_0() {
             }
         }
     });
-    let addr = addr_rx.recv_timeout(Duration::from_secs(10)).expect("gateway logs its address");
+    let addr = addr_rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("gateway logs its address");
     let mut stream = TcpStream::connect(&addr).unwrap();
-    stream.write_all(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    stream
+        .write_all(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
     thread::sleep(Duration::from_millis(200));
     let pid = child.id().to_string();
-    assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
-    stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
     let mut response = String::new();
     let _ = stream.read_to_string(&mut response);
-    assert!(response.starts_with("HTTP/1.1 200"), "in-flight request completed: {response:?}");
+    assert!(
+        response.starts_with("HTTP/1.1 200"),
+        "in-flight request completed: {response:?}"
+    );
     assert!(response.ends_with("slow"), "{response:?}");
     let deadline = Instant::now() + Duration::from_secs(10);
     let status = loop {
         if let Some(status) = child.try_wait().unwrap() {
             break status;
         }
-        assert!(Instant::now() < deadline, "gateway did not exit after SIGTERM");
+        assert!(
+            Instant::now() < deadline,
+            "gateway did not exit after SIGTERM"
+        );
         thread::sleep(Duration::from_millis(50));
     };
     assert_eq!(status.code(), Some(0));
@@ -128,7 +167,10 @@ fn sigterm_drains_in_flight_requests_then_exits_0() {
 
 #[test]
 fn demo_mode_answers_the_example_config() {
-    let example = concat!(env!("CARGO_MANIFEST_DIR"), "/../configs/examples/gateway.yaml");
+    let example = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../configs/examples/gateway.yaml"
+    );
     // The demo upstream needs 127.0.0.1:8000; skip quietly only if something else holds it.
     if TcpListener::bind("127.0.0.1:8000").is_err() {
         eprintln!("127.0.0.1:8000 is busy; skipping the demo check");
@@ -144,19 +186,34 @@ fn demo_mode_answers_the_example_config() {
     let (addr_tx, addr_rx) = mpsc::channel();
     thread::spawn(move || {
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if let Some(addr) = line.split("addr=").nth(1).filter(|_| line.contains("listening")) {
+            if let Some(addr) = line
+                .split("addr=")
+                .nth(1)
+                .filter(|_| line.contains("listening"))
+            {
                 let _ = addr_tx.send(addr.split_whitespace().next().unwrap_or("").to_string());
             }
         }
     });
-    let addr = addr_rx.recv_timeout(Duration::from_secs(10)).expect("gateway logs its address");
+    let addr = addr_rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("gateway logs its address");
     let mut stream = TcpStream::connect(&addr).unwrap();
-    stream.write_all(b"GET /hello/world HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
-    stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    stream
+        .write_all(b"GET /hello/world HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
     let mut response = String::new();
     let _ = stream.read_to_string(&mut response);
-    let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
     let _ = child.wait();
     assert!(response.starts_with("HTTP/1.1 200"), "{response}");
-    assert!(response.contains("hello from the demo upstream"), "{response}");
+    assert!(
+        response.contains("hello from the demo upstream"),
+        "{response}"
+    );
 }

@@ -1,1 +1,47 @@
-//! placeholder
+//! The `/debug` mux of the gateway (served with `--debug`): liveness, CPU profiles, and
+//! views into the config loader, the router and the service watcher.
+//!
+//! This crate depends on none of the gateway's other crates. Components show themselves
+//! through [`Debuggable`] (a list of [`View`]s and a `serve` for them); the config, router
+//! and watcher views are ready-made [`Debuggable`]s over small data-source traits
+//! ([`ConfigSource`], [`RouterSource`], [`WatcherSource`]) that the binary implements over
+//! the real components.
+//!
+//! | path | answer |
+//! |------|--------|
+//! | `/debug` | HTML index linking every view |
+//! | `/debug/ping` | 200 `pong` |
+//! | `/debug/pprof/profile?seconds=N` | CPU profile, pprof protobuf (uncompressed; `go tool pprof` reads it) |
+//! | `/debug/pprof/flamegraph?seconds=N` | CPU flame graph, SVG |
+//! | `/debug/config/inspect` | `{path, sha256, version, loaded_at, reloads, last_error}` |
+//! | `/debug/config/load` | the config in force |
+//! | `/debug/config/version` | `{"version": ...}` |
+//! | `/debug/proxy/router/inspect` | `[{path, method, host, protocol, backends}]` |
+//! | `/debug/watcher/nodes?service=NAME` | `[{id, name, version, metadata, endpoints}]` |
+//! | `/debug/watcher/appliers?service=NAME` | `[{endpoint, nodes}]` |
+//!
+//! Choices: profiles last `seconds` (default 30, 1 to 60, else 400) and only one runs per
+//! process (409 for a second one). The watcher views without `service` answer a map of
+//! every watched service to its list (both views alike); an unwatched service is 404.
+//! Query strings are form-decoded and an empty value counts as absent. Requests from
+//! non-loopback peers or carrying `X-Forwarded-For`, `Forwarded` or `X-Real-IP` get 403;
+//! methods other than GET and HEAD get 405; unknown paths 404. Errors are
+//! `{"error": ...}` JSON, and no answer is cacheable.
+
+mod mux;
+mod profile;
+mod query;
+mod response;
+mod views;
+
+pub use mux::{DebugMux, Debuggable, PREFIX, View};
+pub use profile::{DEFAULT_SECONDS, MAX_SECONDS};
+pub use query::Query;
+pub use response::{DebugResponse, JSON};
+pub use views::{
+    Applier, ConfigSource, ConfigStatus, ConfigViews, Instance, Route, RouterSource, RouterViews,
+    WatcherSource, WatcherViews,
+};
+
+#[cfg(test)]
+mod tests;

@@ -11,6 +11,7 @@ mod context;
 mod registry;
 
 pub mod builtin;
+pub mod hooks;
 pub mod metrics;
 
 pub use body::{Body, BoxError, empty_body, full_body};

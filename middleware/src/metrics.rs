@@ -50,40 +50,63 @@ impl Metrics {
     pub fn new() -> Self {
         let registry = Registry::new();
         let code_labels = ["protocol", "method", "path", "code", "service", "basePath"];
-        let retry_labels = ["protocol", "method", "path", "service", "basePath", "success"];
+        let retry_labels = [
+            "protocol", "method", "path", "service", "basePath", "success",
+        ];
         let requests_code = IntCounterVec::new(
-            Opts::new("gateway_requests_code_total", "Requests by endpoint and status code."),
+            Opts::new(
+                "gateway_requests_code_total",
+                "Requests by endpoint and status code.",
+            ),
             &code_labels,
         )
         .expect("valid metric");
         let requests_duration = HistogramVec::new(
-            HistogramOpts::new("gateway_requests_duration_seconds", "Request latency.")
-                .buckets(vec![0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]),
+            HistogramOpts::new("gateway_requests_duration_seconds", "Request latency.").buckets(
+                vec![
+                    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+                ],
+            ),
             &ENDPOINT_LABELS,
         )
         .expect("valid metric");
         let tx_bytes = IntCounterVec::new(
-            Opts::new("gateway_requests_tx_bytes", "Response bytes sent downstream."),
+            Opts::new(
+                "gateway_requests_tx_bytes",
+                "Response bytes sent downstream.",
+            ),
             &ENDPOINT_LABELS,
         )
         .expect("valid metric");
         let rx_bytes = IntCounterVec::new(
-            Opts::new("gateway_requests_rx_bytes", "Request bytes received from downstream."),
+            Opts::new(
+                "gateway_requests_rx_bytes",
+                "Request bytes received from downstream.",
+            ),
             &ENDPOINT_LABELS,
         )
         .expect("valid metric");
         let retry_state = IntCounterVec::new(
-            Opts::new("gateway_requests_retry_state", "Retried requests by final outcome."),
+            Opts::new(
+                "gateway_requests_retry_state",
+                "Retried requests by final outcome.",
+            ),
             &retry_labels,
         )
         .expect("valid metric");
         let middleware_denied = IntCounterVec::new(
-            Opts::new("gateway_middleware_denied_total", "Requests stopped by a middleware."),
+            Opts::new(
+                "gateway_middleware_denied_total",
+                "Requests stopped by a middleware.",
+            ),
             &["middleware", "path", "reason"],
         )
         .expect("valid metric");
         let middleware_build_failures = IntCounterVec::new(
-            Opts::new("gateway_middleware_build_failures_total", "Middleware builds that failed."),
+            Opts::new(
+                "gateway_middleware_build_failures_total",
+                "Middleware builds that failed.",
+            ),
             &["middleware"],
         )
         .expect("valid metric");
@@ -102,7 +125,9 @@ impl Metrics {
             Box::new(connections.clone()),
             Box::new(in_flight.clone()),
         ] {
-            registry.register(collector).expect("metric names are unique");
+            registry
+                .register(collector)
+                .expect("metric names are unique");
         }
         Self {
             registry,
@@ -135,10 +160,28 @@ impl Metrics {
 
     /// Pre-resolved handles for one endpoint.
     pub fn endpoint(&self, info: &EndpointInfo) -> EndpointMetrics {
-        let service = info.metadata.get("service").map(String::as_str).unwrap_or("");
-        let base_path = info.metadata.get("basePath").map(String::as_str).unwrap_or("");
-        let method = if info.method.is_empty() { "*" } else { info.method.as_str() };
-        let labels = [info.protocol_label(), method, info.path.as_str(), service, base_path];
+        let service = info
+            .metadata
+            .get("service")
+            .map(String::as_str)
+            .unwrap_or("");
+        let base_path = info
+            .metadata
+            .get("basePath")
+            .map(String::as_str)
+            .unwrap_or("");
+        let method = if info.method.is_empty() {
+            "*"
+        } else {
+            info.method.as_str()
+        };
+        let labels = [
+            info.protocol_label(),
+            method,
+            info.path.as_str(),
+            service,
+            base_path,
+        ];
         EndpointMetrics {
             labels: labels.map(str::to_owned),
             requests_code: self.requests_code.clone(),

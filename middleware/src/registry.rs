@@ -5,8 +5,8 @@ use std::sync::{Arc, Mutex};
 
 use http::{Request, Response};
 use serde::de::DeserializeOwned;
-use tower::{Layer, Service};
 use tower::util::BoxCloneSyncService;
+use tower::{Layer, Service};
 
 use crate::metrics::Metrics;
 use crate::{Body, BoxError, EndpointInfo, RoundTripper};
@@ -24,7 +24,10 @@ pub struct BuildError {
 impl BuildError {
     /// An error for middleware `name`.
     pub fn new(name: impl Into<String>, message: impl Into<String>) -> Self {
-        Self { name: name.into(), message: message.into() }
+        Self {
+            name: name.into(),
+            message: message.into(),
+        }
     }
 }
 
@@ -50,7 +53,9 @@ impl Middleware {
             + 'static,
         <L::Service as Service<Request<Body>>>::Future: Send + 'static,
     {
-        Self::from_fn(name, move |next| BoxCloneSyncService::new(layer.layer(next)))
+        Self::from_fn(name, move |next| {
+            BoxCloneSyncService::new(layer.layer(next))
+        })
     }
 
     /// A middleware from a plain wrapping function.
@@ -58,7 +63,11 @@ impl Middleware {
         name: impl Into<String>,
         wrap: impl Fn(RoundTripper) -> RoundTripper + Send + Sync + 'static,
     ) -> Self {
-        Self { name: name.into(), wrap: Arc::new(wrap), closer: Mutex::new(None) }
+        Self {
+            name: name.into(),
+            wrap: Arc::new(wrap),
+            closer: Mutex::new(None),
+        }
     }
 
     /// Runs `closer` when the middleware is closed (e.g. to stop a background task).
@@ -100,14 +109,22 @@ pub struct BuildContext {
 /// Builds a middleware from its config entry.
 pub trait Factory: Send + Sync {
     /// Builds the middleware or says which option is wrong.
-    fn build(&self, config: &configs::Middleware, ctx: &BuildContext) -> Result<Middleware, BuildError>;
+    fn build(
+        &self,
+        config: &configs::Middleware,
+        ctx: &BuildContext,
+    ) -> Result<Middleware, BuildError>;
 }
 
 impl<F> Factory for F
 where
     F: Fn(&configs::Middleware, &BuildContext) -> Result<Middleware, BuildError> + Send + Sync,
 {
-    fn build(&self, config: &configs::Middleware, ctx: &BuildContext) -> Result<Middleware, BuildError> {
+    fn build(
+        &self,
+        config: &configs::Middleware,
+        ctx: &BuildContext,
+    ) -> Result<Middleware, BuildError> {
         self(config, ctx)
     }
 }
@@ -143,9 +160,10 @@ impl Registry {
     ) -> Result<Option<Middleware>, BuildError> {
         match self.factories.get(&config.name) {
             Some(factory) => factory.build(config, ctx).map(Some),
-            None if config.required => {
-                Err(BuildError::new(&config.name, "required middleware is not registered"))
-            }
+            None if config.required => Err(BuildError::new(
+                &config.name,
+                "required middleware is not registered",
+            )),
             None => Ok(None),
         }
     }
@@ -153,7 +171,9 @@ impl Registry {
 
 /// Decodes a middleware's `options` into `T`, ignoring a protobuf `'@type'` key.
 /// Absent options decode as `T::default()`.
-pub fn options<T: DeserializeOwned + Default>(config: &configs::Middleware) -> Result<T, BuildError> {
+pub fn options<T: DeserializeOwned + Default>(
+    config: &configs::Middleware,
+) -> Result<T, BuildError> {
     let mut value = config.options.clone();
     if let serde_json::Value::Object(map) = &mut value {
         map.remove("@type");

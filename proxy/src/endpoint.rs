@@ -12,8 +12,8 @@ use http_body::{Body as HttpBody, Frame, SizeHint};
 use http_body_util::BodyExt;
 use middleware::metrics::{EndpointMetrics, Metrics};
 use middleware::{Body, BoxError, EndpointInfo, Middleware, RequestOptions, RoundTripper};
-use tower::util::BoxCloneSyncService;
 use tower::Service;
+use tower::util::BoxCloneSyncService;
 
 use crate::error::{ProxyError, error_response};
 use crate::headers::{append_forwarded_for, strip_hop_by_hop};
@@ -110,7 +110,12 @@ impl EndpointHandler {
             options: RequestOptions::new(self.info.clone(), Some(remote)),
             finished: false,
         };
-        let mut head = Head { method: parts.method, uri: parts.uri, version: parts.version, headers: parts.headers };
+        let mut head = Head {
+            method: parts.method,
+            uri: parts.uri,
+            version: parts.version,
+            headers: parts.headers,
+        };
         let grpc = self.info.protocol == configs::Protocol::Grpc;
         strip_hop_by_hop(&mut head.headers, grpc);
         append_forwarded_for(&mut head.headers, remote.ip());
@@ -119,7 +124,9 @@ impl EndpointHandler {
         }
         let attempts = self.attempts(&mut head, body, &mut record.options);
         let outcome = match self.timeout {
-            Some(timeout) => tokio::time::timeout(timeout, attempts).await.unwrap_or(Err(ProxyError::Timeout)),
+            Some(timeout) => tokio::time::timeout(timeout, attempts)
+                .await
+                .unwrap_or(Err(ProxyError::Timeout)),
             None => attempts.await,
         };
         let response = match outcome {
@@ -136,7 +143,14 @@ impl EndpointHandler {
         };
         record.finish(response.status().as_u16());
         let tx = self.metrics.tx_bytes.clone();
-        response.map(|body| CountingBody { inner: body, counter: tx, count: 0 }.boxed_unsync())
+        response.map(|body| {
+            CountingBody {
+                inner: body,
+                counter: tx,
+                count: 0,
+            }
+            .boxed_unsync()
+        })
     }
 
     async fn attempts(
@@ -180,7 +194,9 @@ impl EndpointHandler {
             request.extensions_mut().insert(options.clone());
             let call = round_trip(self.tripper.clone(), request);
             let result = match self.retry.per_try_timeout {
-                Some(limit) => tokio::time::timeout(limit, call).await.unwrap_or_else(|elapsed| Err(BoxError::from(elapsed))),
+                Some(limit) => tokio::time::timeout(limit, call)
+                    .await
+                    .unwrap_or_else(|elapsed| Err(BoxError::from(elapsed))),
                 None => call.await,
             };
             if let Some(node) = options.backend.get() {
@@ -191,7 +207,10 @@ impl EndpointHandler {
             let last = attempt >= attempts;
             match result {
                 Ok(response) => {
-                    if last || !self.retry.should_retry(&response) || !self.retry.budget().withdraw() {
+                    if last
+                        || !self.retry.should_retry(&response)
+                        || !self.retry.budget().withdraw()
+                    {
                         return Ok(response);
                     }
                     tracing::debug!(endpoint = %self.info.path, status = response.status().as_u16(), attempt, "retrying on response");
@@ -218,7 +237,10 @@ impl Drop for EndpointHandler {
 }
 
 /// One call of the chain (readiness first, as tower requires).
-async fn round_trip(mut tripper: RoundTripper, request: Request<Body>) -> Result<Response<Body>, BoxError> {
+async fn round_trip(
+    mut tripper: RoundTripper,
+    request: Request<Body>,
+) -> Result<Response<Body>, BoxError> {
     std::future::poll_fn(|cx| tripper.poll_ready(cx)).await?;
     tripper.call(request).await
 }
@@ -301,7 +323,10 @@ impl HttpBody for CountingBody {
     type Data = Bytes;
     type Error = BoxError;
 
-    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = self.project();
         let polled = this.inner.poll_frame(cx);
         if let Poll::Ready(Some(Ok(frame))) = &polled {

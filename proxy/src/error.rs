@@ -45,7 +45,9 @@ impl ProxyError {
     /// The HTTP status a downstream client sees.
     pub fn status(&self) -> StatusCode {
         match self {
-            ProxyError::ClientGone(_) => StatusCode::from_u16(499).unwrap_or(StatusCode::BAD_REQUEST),
+            ProxyError::ClientGone(_) => {
+                StatusCode::from_u16(499).unwrap_or(StatusCode::BAD_REQUEST)
+            }
             ProxyError::Timeout => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::NoNode => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::Upstream(_) | ProxyError::Panic => StatusCode::BAD_GATEWAY,
@@ -54,10 +56,10 @@ impl ProxyError {
 
     fn grpc_status(&self) -> &'static str {
         match self {
-            ProxyError::ClientGone(_) => "1",         // CANCELLED
-            ProxyError::Timeout => "4",               // DEADLINE_EXCEEDED
+            ProxyError::ClientGone(_) => "1",                     // CANCELLED
+            ProxyError::Timeout => "4",                           // DEADLINE_EXCEEDED
             ProxyError::NoNode | ProxyError::Upstream(_) => "14", // UNAVAILABLE
-            ProxyError::Panic => "13",                // INTERNAL
+            ProxyError::Panic => "13",                            // INTERNAL
         }
     }
 }
@@ -69,7 +71,10 @@ pub fn error_response(err: &ProxyError, protocol: configs::Protocol) -> Response
     if protocol == configs::Protocol::Grpc {
         let mut response = Response::new(middleware::empty_body());
         let headers = response.headers_mut();
-        headers.insert(http::header::CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+        headers.insert(
+            http::header::CONTENT_TYPE,
+            HeaderValue::from_static("application/grpc"),
+        );
         headers.insert("grpc-status", HeaderValue::from_static(err.grpc_status()));
         if let Ok(message) = HeaderValue::from_str(&status.to_string()) {
             headers.insert("grpc-message", message);

@@ -19,7 +19,9 @@ static HOP_BY_HOP: [HeaderName; 8] = [
 /// `TE: trailers` survives when `keep_te_trailers` (gRPC needs it end to end).
 pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap, keep_te_trailers: bool) {
     let te_trailers = keep_te_trailers
-        && headers.get(TE).is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
+        && headers
+            .get(TE)
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
     if headers.contains_key(CONNECTION) {
         let named: Vec<HeaderName> = headers
             .get_all(CONNECTION)
@@ -48,7 +50,12 @@ pub(crate) fn append_forwarded_for(headers: &mut HeaderMap, peer: IpAddr) {
     let value = match headers.get(&XFF).and_then(|v| v.to_str().ok()) {
         Some(prior) if !prior.trim().is_empty() => {
             let mut combined = String::with_capacity(prior.len() + 2 + peer.len());
-            for (i, v) in headers.get_all(&XFF).iter().filter_map(|v| v.to_str().ok()).enumerate() {
+            for (i, v) in headers
+                .get_all(&XFF)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .enumerate()
+            {
                 if i > 0 {
                     combined.push_str(", ");
                 }

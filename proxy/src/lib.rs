@@ -95,7 +95,10 @@ impl Proxy {
     /// A proxy with an empty router (every request gets 404 until the first update).
     pub fn new(clients: client::Factory, middlewares: Registry, metrics: Arc<Metrics>) -> Self {
         Self {
-            state: ArcSwap::from_pointee(RouterState { router: MuxRouter::new(), routes: vec![] }),
+            state: ArcSwap::from_pointee(RouterState {
+                router: MuxRouter::new(),
+                routes: vec![],
+            }),
             clients,
             middlewares,
             metrics,
@@ -136,7 +139,10 @@ impl Proxy {
                     handler,
                     Some(Box::new(move || closer_handler.close())),
                 )
-                .map_err(|source| UpdateError::Route { endpoint: name, source })?;
+                .map_err(|source| UpdateError::Route {
+                    endpoint: name,
+                    source,
+                })?;
             routes.push(RouteInfo {
                 path: endpoint.path.clone(),
                 method: endpoint.method.clone(),
@@ -170,8 +176,14 @@ impl Proxy {
         let client = self
             .clients
             .build(endpoint, &config.tls_store)
-            .map_err(|source| UpdateError::Client { endpoint: name.into(), source })?;
-        let ctx = BuildContext { endpoint: info.clone(), metrics: self.metrics.clone() };
+            .map_err(|source| UpdateError::Client {
+                endpoint: name.into(),
+                source,
+            })?;
+        let ctx = BuildContext {
+            endpoint: info.clone(),
+            metrics: self.metrics.clone(),
+        };
         let mut built = Vec::new();
         for entry in config.middlewares.iter().chain(&endpoint.middlewares) {
             match self.middlewares.build(entry, &ctx) {
@@ -180,16 +192,28 @@ impl Proxy {
                     tracing::warn!(endpoint = name, middleware = %entry.name, "unknown middleware skipped")
                 }
                 Err(source) => {
-                    self.metrics.middleware_build_failures.with_label_values(&[&entry.name]).inc();
+                    self.metrics
+                        .middleware_build_failures
+                        .with_label_values(&[&entry.name])
+                        .inc();
                     client.close();
                     for middleware in &built {
                         middleware.close();
                     }
-                    return Err(UpdateError::Middleware { endpoint: name.into(), source });
+                    return Err(UpdateError::Middleware {
+                        endpoint: name.into(),
+                        source,
+                    });
                 }
             }
         }
-        Ok(Arc::new(EndpointHandler::new(info, endpoint, client, built, &self.metrics)))
+        Ok(Arc::new(EndpointHandler::new(
+            info,
+            endpoint,
+            client,
+            built,
+            &self.metrics,
+        )))
     }
 
     /// Routes shown by `/debug/proxy/router/inspect`.
@@ -205,7 +229,10 @@ impl Proxy {
     {
         let state = self.state.load_full();
         let host = request_host(&req);
-        let handler = match state.router.route(req.method().as_str(), host, req.uri().path()) {
+        let handler = match state
+            .router
+            .route(req.method().as_str(), host, req.uri().path())
+        {
             RouteMatch::Found(handler) => handler.clone(),
             RouteMatch::NotFound => return plain(StatusCode::NOT_FOUND, "404 page not found\n"),
             RouteMatch::MethodNotAllowed => {
@@ -215,7 +242,10 @@ impl Proxy {
         let _in_flight = state.router.enter();
         let req = req.map(|body| body.map_err(Into::into).boxed_unsync());
         let protocol = handler.info().protocol;
-        match AssertUnwindSafe(handler.serve(req, remote)).catch_unwind().await {
+        match AssertUnwindSafe(handler.serve(req, remote))
+            .catch_unwind()
+            .await
+        {
             Ok(response) => response,
             Err(_) => {
                 tracing::error!(endpoint = %handler.info().path, "handler panicked");
@@ -226,7 +256,11 @@ impl Proxy {
 }
 
 fn endpoint_name(endpoint: &configs::Endpoint) -> String {
-    let method = if endpoint.method.is_empty() { "*" } else { &endpoint.method };
+    let method = if endpoint.method.is_empty() {
+        "*"
+    } else {
+        &endpoint.method
+    };
     format!("{method} {}{}", endpoint.host, endpoint.path)
 }
 
@@ -241,8 +275,9 @@ fn request_host<B>(req: &Request<B>) -> &str {
 pub(crate) fn plain(status: StatusCode, text: &'static str) -> Response<Body> {
     let mut response = Response::new(middleware::full_body(text));
     *response.status_mut() = status;
-    response
-        .headers_mut()
-        .insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("text/plain; charset=utf-8"));
+    response.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
     response
 }

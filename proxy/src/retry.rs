@@ -31,7 +31,7 @@ impl RetryPolicy {
         let mut headers = Vec::new();
         for condition in &retry.conditions {
             if let Some(range) = &condition.by_status_code {
-                statuses.push(range.clone());
+                statuses.push(*range);
             }
             if let Some(header) = &condition.by_header {
                 if let Ok(name) = http::HeaderName::from_bytes(header.name.as_bytes()) {
@@ -82,14 +82,18 @@ const CAP: i64 = 100 * RETRY_COST;
 
 impl RetryBudget {
     fn new() -> Self {
-        Self { balance: AtomicI64::new(RESERVE) }
+        Self {
+            balance: AtomicI64::new(RESERVE),
+        }
     }
 
     /// Called once per request.
     pub(crate) fn deposit(&self) {
-        let _ = self.balance.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |b| {
-            (b < CAP).then(|| (b + DEPOSIT_PER_REQUEST).min(CAP))
-        });
+        let _ = self
+            .balance
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |b| {
+                (b < CAP).then(|| (b + DEPOSIT_PER_REQUEST).min(CAP))
+            });
     }
 
     /// Takes one retry from the budget; false when it is spent.

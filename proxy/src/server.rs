@@ -94,7 +94,9 @@ pub async fn serve<F, Fut>(
             let response = handler(req, remote);
             async move { Ok::<_, Infallible>(response.await) }
         });
-        let connection = builder.serve_connection(TokioIo::new(stream), service).into_owned();
+        let connection = builder
+            .serve_connection(TokioIo::new(stream), service)
+            .into_owned();
         let connection = graceful.watch(connection);
         let metrics = metrics.clone();
         tokio::spawn(async move {

@@ -45,25 +45,40 @@ async fn only(gw: &TestGateway, path: &str, names: &[&str]) -> bool {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn etcd_registry_drives_traffic() {
     let mut etcd = EtcdServer::start().await;
-    let (a, b, c) = (Upstream::named("a").await, Upstream::named("b").await, Upstream::named("c").await);
-    etcd.put_instance(NS, &instance("hello", "a", &a.target())).await;
-    etcd.put_instance(NS, &instance("hello", "b", &b.target())).await;
+    let (a, b, c) = (
+        Upstream::named("a").await,
+        Upstream::named("b").await,
+        Upstream::named("c").await,
+    );
+    etcd.put_instance(NS, &instance("hello", "a", &a.target()))
+        .await;
+    etcd.put_instance(NS, &instance("hello", "b", &b.target()))
+        .await;
     let dsn = format!("etcd://{}?namespace={NS}", etcd.endpoint());
-    let gw = TestGateway::start_with(&config("hello", None), &["--discovery", &dsn]).await.unwrap();
+    let gw = TestGateway::start_with(&config("hello", None), &["--discovery", &dsn])
+        .await
+        .unwrap();
 
     // Start-up waited for the first snapshot: both instances serve at once.
     let seen = spread(&gw, "/svc/x", 30).await;
-    assert!(seen.get("a").is_some_and(|n| *n > 0) && seen.get("b").is_some_and(|n| *n > 0), "{seen:?}");
+    assert!(
+        seen.get("a").is_some_and(|n| *n > 0) && seen.get("b").is_some_and(|n| *n > 0),
+        "{seen:?}"
+    );
 
     // Deregister b: within 1 s no request goes to it.
     etcd.delete_instance(NS, "hello", "b").await;
     let start = Instant::now();
-    assert!(eventually(Duration::from_secs(1), || only(&gw, "/svc/x", &["a"])).await, "b drained");
+    assert!(
+        eventually(Duration::from_secs(1), || only(&gw, "/svc/x", &["a"])).await,
+        "b drained"
+    );
     eprintln!("etcd delete -> traffic drained in {:?}", start.elapsed());
 
     // Register c: it gets traffic; measure put -> first request routed to it.
     let start = Instant::now();
-    etcd.put_instance(NS, &instance("hello", "c", &c.target())).await;
+    etcd.put_instance(NS, &instance("hello", "c", &c.target()))
+        .await;
     let mut first_routed = None;
     for _ in 0..500 {
         if get(&gw.url("/svc/x")).await.header("x-upstream") == "c" {
@@ -76,17 +91,34 @@ async fn etcd_registry_drives_traffic() {
     assert!(first_routed < Duration::from_secs(1), "{first_routed:?}");
 
     // The debug view shows the instances in the Kratos shape.
-    let nodes: serde_json::Value =
-        serde_json::from_str(&get(&gw.url("/debug/watcher/nodes?service=hello")).await.body).unwrap();
-    let mut ids: Vec<&str> = nodes.as_array().unwrap().iter().map(|n| n["id"].as_str().unwrap()).collect();
+    let nodes: serde_json::Value = serde_json::from_str(
+        &get(&gw.url("/debug/watcher/nodes?service=hello"))
+            .await
+            .body,
+    )
+    .unwrap();
+    let mut ids: Vec<&str> = nodes
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n["id"].as_str().unwrap())
+        .collect();
     ids.sort();
     assert_eq!(ids, ["a", "c"]);
     assert_eq!(nodes[0]["name"], "hello");
-    assert!(nodes[0]["endpoints"][0].as_str().unwrap().starts_with("http://127.0.0.1:"));
+    assert!(
+        nodes[0]["endpoints"][0]
+            .as_str()
+            .unwrap()
+            .starts_with("http://127.0.0.1:")
+    );
 
     // Kill etcd: the last known nodes keep serving.
     etcd.kill();
-    assert!(only(&gw, "/svc/x", &["a", "c"]).await, "last known nodes serve during an outage");
+    assert!(
+        only(&gw, "/svc/x", &["a", "c"]).await,
+        "last known nodes serve during an outage"
+    );
     // Restart it and change the set: the watcher reconnects and follows.
     etcd.restart().await;
     etcd.delete_instance(NS, "hello", "a").await;
@@ -98,7 +130,10 @@ async fn etcd_registry_drives_traffic() {
     // Zero instances: 503.
     etcd.delete_instance(NS, "hello", "c").await;
     assert!(
-        eventually(Duration::from_secs(2), || async { get(&gw.url("/svc/x")).await.status == 503 }).await,
+        eventually(Duration::from_secs(2), || async {
+            get(&gw.url("/svc/x")).await.status == 503
+        })
+        .await,
         "an empty registry empties the node set"
     );
 }
@@ -107,47 +142,86 @@ async fn etcd_registry_drives_traffic() {
 async fn reload_keeps_one_watch_and_its_nodes() {
     let etcd = EtcdServer::start().await;
     let a = Upstream::named("a").await;
-    etcd.put_instance(NS, &instance("kept", "a", &a.target())).await;
+    etcd.put_instance(NS, &instance("kept", "a", &a.target()))
+        .await;
     let dsn = format!("etcd://{}", etcd.endpoint());
-    let gw = TestGateway::start_with(&config("kept", None), &["--discovery", &dsn]).await.unwrap();
+    let gw = TestGateway::start_with(&config("kept", None), &["--discovery", &dsn])
+        .await
+        .unwrap();
     assert_eq!(get(&gw.url("/svc/1")).await.body, "a");
 
     gw.write_config(&config("kept", Some("/second/*")));
     assert!(
-        eventually(Duration::from_secs(2), || async { get(&gw.url("/second/x")).await.body == "a" }).await,
+        eventually(Duration::from_secs(2), || async {
+            get(&gw.url("/second/x")).await.body == "a"
+        })
+        .await,
         "the new endpoint shares the watch and has its nodes at once"
     );
     assert_eq!(get(&gw.url("/svc/1")).await.body, "a");
-    let appliers: serde_json::Value =
-        serde_json::from_str(&get(&gw.url("/debug/watcher/appliers?service=kept")).await.body).unwrap();
+    let appliers: serde_json::Value = serde_json::from_str(
+        &get(&gw.url("/debug/watcher/appliers?service=kept"))
+            .await
+            .body,
+    )
+    .unwrap();
     let appliers = appliers.as_array().expect("a list of appliers");
-    assert_eq!(appliers.len(), 2, "the old router's applier unsubscribed: {appliers:?}");
+    assert_eq!(
+        appliers.len(),
+        2,
+        "the old router's applier unsubscribed: {appliers:?}"
+    );
     assert!(appliers.iter().all(|a| a["nodes"] == 1), "{appliers:?}");
-    let all: serde_json::Value = serde_json::from_str(&get(&gw.url("/debug/watcher/nodes")).await.body).unwrap();
-    assert_eq!(all.as_object().unwrap().len(), 1, "still exactly one watched service: {all}");
-    assert_eq!(get(&gw.url("/debug/watcher/nodes?service=unknown")).await.status, 404);
+    let all: serde_json::Value =
+        serde_json::from_str(&get(&gw.url("/debug/watcher/nodes")).await.body).unwrap();
+    assert_eq!(
+        all.as_object().unwrap().len(),
+        1,
+        "still exactly one watched service: {all}"
+    );
+    assert_eq!(
+        get(&gw.url("/debug/watcher/nodes?service=unknown"))
+            .await
+            .status,
+        404
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn consul_registry_drives_traffic() {
     let consul = ConsulDouble::start().await;
-    let (a, b, c) = (Upstream::named("a").await, Upstream::named("b").await, Upstream::named("c").await);
-    consul.register_kratos(&instance("hello", "a", &a.target())).await;
-    consul.register_kratos(&instance("hello", "b", &b.target())).await;
+    let (a, b, c) = (
+        Upstream::named("a").await,
+        Upstream::named("b").await,
+        Upstream::named("c").await,
+    );
+    consul
+        .register_kratos(&instance("hello", "a", &a.target()))
+        .await;
+    consul
+        .register_kratos(&instance("hello", "b", &b.target()))
+        .await;
     let dsn = format!("consul://{}", consul.address());
-    let gw = TestGateway::start_with(&config("hello", None), &["--discovery", &dsn]).await.unwrap();
+    let gw = TestGateway::start_with(&config("hello", None), &["--discovery", &dsn])
+        .await
+        .unwrap();
     let seen = spread(&gw, "/svc/x", 30).await;
     assert!(seen.contains_key("a") && seen.contains_key("b"), "{seen:?}");
 
     // A check turning critical removes the instance (passing only).
     consul.fail("service:b").await;
-    assert!(eventually(Duration::from_secs(1), || only(&gw, "/svc/x", &["a"])).await, "critical b drained");
+    assert!(
+        eventually(Duration::from_secs(1), || only(&gw, "/svc/x", &["a"])).await,
+        "critical b drained"
+    );
     consul.pass("service:b").await;
     assert!(eventually(Duration::from_secs(1), || only(&gw, "/svc/x", &["a", "b"])).await);
 
     // A new registration: measure change -> first request routed to it.
     let start = Instant::now();
-    consul.register_kratos(&instance("hello", "c", &c.target())).await;
+    consul
+        .register_kratos(&instance("hello", "c", &c.target()))
+        .await;
     let mut routed = None;
     for _ in 0..500 {
         if get(&gw.url("/svc/x")).await.header("x-upstream") == "c" {
@@ -175,7 +249,10 @@ async fn consul_registry_drives_traffic() {
     consul.deregister("b").await;
     consul.deregister("c").await;
     assert!(
-        eventually(Duration::from_secs(8), || async { get(&gw.url("/svc/x")).await.status == 503 }).await,
+        eventually(Duration::from_secs(8), || async {
+            get(&gw.url("/svc/x")).await.status == 503
+        })
+        .await,
         "zero instances: 503"
     );
 }

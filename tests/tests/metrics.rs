@@ -10,7 +10,11 @@ use tokio::io::AsyncWriteExt;
 fn metric(page: &str, family: &str, labels: &[(&str, &str)]) -> Option<f64> {
     page.lines()
         .filter(|line| line.starts_with(family) && !line.starts_with('#'))
-        .filter(|line| labels.iter().all(|(k, v)| line.contains(&format!("{k}=\"{v}\""))))
+        .filter(|line| {
+            labels
+                .iter()
+                .all(|(k, v)| line.contains(&format!("{k}=\"{v}\"")))
+        })
         .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
         .reduce(|a, b| a + b)
 }
@@ -40,11 +44,20 @@ async fn request_mix_is_counted_by_endpoint_pattern() {
     }
     // A client that gives up: counted as 499 once the gateway notices.
     let mut stream = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
-    stream.write_all(b"GET /api/slow HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+    stream
+        .write_all(b"GET /api/slow HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
     tokio::time::sleep(Duration::from_millis(200)).await;
     drop(stream);
 
-    let labels = [("path", "/api/{name}"), ("method", "GET"), ("service", "greeter"), ("basePath", "/api"), ("protocol", "HTTP")];
+    let labels = [
+        ("path", "/api/{name}"),
+        ("method", "GET"),
+        ("service", "greeter"),
+        ("basePath", "/api"),
+        ("protocol", "HTTP"),
+    ];
     let code = |page: &str, code: &str| {
         let mut with_code = labels.to_vec();
         with_code.push(("code", code));
@@ -52,15 +65,28 @@ async fn request_mix_is_counted_by_endpoint_pattern() {
     };
     let url = gw.url("/metrics");
     assert!(
-        eventually(Duration::from_secs(2), || async { code(&get(&url).await.body, "499") == Some(1.0) }).await,
+        eventually(Duration::from_secs(2), || async {
+            code(&get(&url).await.body, "499") == Some(1.0)
+        })
+        .await,
         "the abandoned request is counted as 499"
     );
     let page = get(&url).await.body;
     assert_eq!(code(&page, "200"), Some(3.0), "{page}");
     assert_eq!(code(&page, "404"), Some(2.0));
-    assert_eq!(metric(&page, "gateway_requests_duration_seconds_count", &labels), Some(6.0));
-    assert_eq!(metric(&page, "gateway_requests_tx_bytes", &labels), Some(3.0 * 5.0 + 2.0 * 4.0));
+    assert_eq!(
+        metric(&page, "gateway_requests_duration_seconds_count", &labels),
+        Some(6.0)
+    );
+    assert_eq!(
+        metric(&page, "gateway_requests_tx_bytes", &labels),
+        Some(3.0 * 5.0 + 2.0 * 4.0)
+    );
     assert!(!page.contains("/api/a\""), "raw URLs never become labels");
     assert!(page.contains("gateway_connections"));
-    assert_eq!(metric(&page, "gateway_requests_in_flight", &[]), Some(0.0), "the abandoned request left no slot behind");
+    assert_eq!(
+        metric(&page, "gateway_requests_in_flight", &[]),
+        Some(0.0),
+        "the abandoned request left no slot behind"
+    );
 }

@@ -15,12 +15,18 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 fn single(path: &str, target: &str, extra: &str) -> String {
-    format!("name: t\nendpoints:\n  - path: {path}\n{extra}    backends:\n      - target: {target}\n")
+    format!(
+        "name: t\nendpoints:\n  - path: {path}\n{extra}    backends:\n      - target: {target}\n"
+    )
 }
 
 async fn status_upstream(status: u16, name: &'static str) -> Upstream {
     Upstream::start(move |_req: Request<Incoming>| async move {
-        Response::builder().status(status).header("x-upstream", name).body(text(name)).unwrap()
+        Response::builder()
+            .status(status)
+            .header("x-upstream", name)
+            .body(text(name))
+            .unwrap()
     })
     .await
 }
@@ -28,7 +34,10 @@ async fn status_upstream(status: u16, name: &'static str) -> Upstream {
 async fn slow_upstream(delay: Duration, name: &'static str) -> Upstream {
     Upstream::start(move |_req: Request<Incoming>| async move {
         tokio::time::sleep(delay).await;
-        Response::builder().header("x-upstream", name).body(text(name)).unwrap()
+        Response::builder()
+            .header("x-upstream", name)
+            .body(text(name))
+            .unwrap()
     })
     .await
 }
@@ -49,16 +58,25 @@ async fn retry_moves_to_another_node() {
         assert_eq!(reply.status, 200, "request {i}");
         assert_eq!(reply.body, "healthy");
         let failing_hits = failing.hits() - before.0;
-        assert!(failing_hits <= 1, "a retry never returns to the node already tried");
+        assert!(
+            failing_hits <= 1,
+            "a retry never returns to the node already tried"
+        );
         assert_eq!(healthy.hits() - before.1, 1);
     }
-    assert!(failing.hits() >= 1, "wrr sends the first attempt of some request to the failing node");
+    assert!(
+        failing.hits() >= 1,
+        "wrr sends the first attempt of some request to the failing node"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retry_on_header_condition_with_json_list() {
     let unavailable = Upstream::start(|_req: Request<Incoming>| async {
-        Response::builder().header("grpc-status", "14").body(text("down")).unwrap()
+        Response::builder()
+            .header("grpc-status", "14")
+            .body(text("down"))
+            .unwrap()
     })
     .await;
     let healthy = status_upstream(200, "healthy").await;
@@ -88,7 +106,11 @@ async fn per_try_timeout_then_retry_elsewhere() {
         let start = Instant::now();
         let reply = get(&gw.url("/p")).await;
         assert_eq!((reply.status, reply.body.as_str()), (200, "fast"));
-        assert!(start.elapsed() < Duration::from_millis(1500), "took {:?}", start.elapsed());
+        assert!(
+            start.elapsed() < Duration::from_millis(1500),
+            "took {:?}",
+            start.elapsed()
+        );
     }
     assert!(slow.hits() >= 1);
 }
@@ -101,7 +123,10 @@ async fn endpoint_timeout_is_504() {
     let reply = get(&gw.url("/slow")).await;
     assert_eq!(reply.status, 504);
     let took = start.elapsed();
-    assert!(took >= Duration::from_millis(250) && took < Duration::from_millis(2000), "{took:?}");
+    assert!(
+        took >= Duration::from_millis(250) && took < Duration::from_millis(2000),
+        "{took:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -148,7 +173,9 @@ async fn responses_stream_chunk_by_chunk() {
         async move {
             let rx = rx.lock().await.take().expect("one streaming request");
             let stream = futures_util::stream::unfold(rx, |mut rx| async move {
-                rx.recv().await.map(|chunk| (Ok::<_, Infallible>(Frame::data(chunk)), rx))
+                rx.recv()
+                    .await
+                    .map(|chunk| (Ok::<_, Infallible>(Frame::data(chunk)), rx))
             });
             Response::new(StreamBody::new(stream).boxed_unsync())
         }
@@ -156,7 +183,11 @@ async fn responses_stream_chunk_by_chunk() {
     .await;
     let gw = TestGateway::start(&single("/stream", &upstream.target(), "")).await;
     let response = http_client()
-        .request(Request::get(gw.url("/stream")).body(Full::default()).unwrap())
+        .request(
+            Request::get(gw.url("/stream"))
+                .body(Full::default())
+                .unwrap(),
+        )
         .await
         .unwrap();
     assert_eq!(response.status(), 200);
@@ -181,7 +212,11 @@ async fn hop_by_hop_headers_are_stripped_both_ways() {
     let upstream = Upstream::start(move |req: Request<Incoming>| {
         let record = record.clone();
         async move {
-            let names: Vec<String> = req.headers().keys().map(|k| k.as_str().to_string()).collect();
+            let names: Vec<String> = req
+                .headers()
+                .keys()
+                .map(|k| k.as_str().to_string())
+                .collect();
             *record.lock().unwrap() = names;
             Response::builder()
                 .header("connection", "x-upstream-private")
@@ -208,12 +243,24 @@ async fn hop_by_hop_headers_are_stripped_both_ways() {
     .await;
     assert_eq!(reply.status, 200);
     let seen = seen.lock().unwrap().clone();
-    for gone in ["x-client-private", "keep-alive", "proxy-authorization", "te"] {
-        assert!(!seen.contains(&gone.to_string()), "{gone} reached the upstream: {seen:?}");
+    for gone in [
+        "x-client-private",
+        "keep-alive",
+        "proxy-authorization",
+        "te",
+    ] {
+        assert!(
+            !seen.contains(&gone.to_string()),
+            "{gone} reached the upstream: {seen:?}"
+        );
     }
     assert!(seen.contains(&"x-kept".to_string()));
     assert_eq!(reply.header("x-public"), "yes");
-    assert_eq!(reply.header("x-upstream-private"), "", "Connection-named response header stripped");
+    assert_eq!(
+        reply.header("x-upstream-private"),
+        "",
+        "Connection-named response header stripped"
+    );
     assert_eq!(reply.header("proxy-authenticate"), "");
 }
 
@@ -240,12 +287,19 @@ async fn hot_reload_applies_good_files_and_keeps_serving_on_broken_ones() {
     // The interval is 100 ms: the new route serves within two intervals (with slack).
     let url = gw.url("/b");
     assert!(
-        eventually(Duration::from_millis(800), || async { get(&url).await.body == "b" }).await,
+        eventually(Duration::from_millis(800), || async {
+            get(&url).await.body == "b"
+        })
+        .await,
         "new route served after reload"
     );
     gw.write_config("name: t\nendpoints:\n  - path: /a\n    bakends: []\n");
     tokio::time::sleep(Duration::from_millis(400)).await;
-    assert_eq!(get(&gw.url("/a")).await.body, "a", "old config keeps serving");
+    assert_eq!(
+        get(&gw.url("/a")).await.body,
+        "a",
+        "old config keeps serving"
+    );
     assert_eq!(get(&gw.url("/b")).await.body, "b");
 }
 
@@ -287,7 +341,11 @@ async fn reload_under_steady_traffic_loses_no_request() {
         worker.await.unwrap();
     }
     assert!(done.load(Ordering::SeqCst) > 100, "enough traffic was sent");
-    assert_eq!(failures.load(Ordering::SeqCst), 0, "no request lost across reloads");
+    assert_eq!(
+        failures.load(Ordering::SeqCst),
+        0,
+        "no request lost across reloads"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -335,7 +393,10 @@ async fn smuggling_attempts_are_rejected() {
         let head = read_head(&mut stream).await;
         assert!(head.starts_with("HTTP/1.1 400"), "{attempt:?} -> {head:?}");
     }
-    assert!(paths.lock().unwrap().is_empty(), "nothing reached the upstream");
+    assert!(
+        paths.lock().unwrap().is_empty(),
+        "nothing reached the upstream"
+    );
     // Content-Length with Transfer-Encoding: framing follows Transfer-Encoding and the
     // connection is closed after the response (RFC 9112 6.3), so the request hidden in the
     // body is never parsed as a second request.
@@ -348,19 +409,36 @@ async fn smuggling_attempts_are_rejected() {
         .expect("the gateway closes the connection")
         .unwrap();
     let all = String::from_utf8_lossy(&all);
-    assert_eq!(all.matches("HTTP/1.1 ").count(), 1, "one response only: {all}");
-    assert!(all.to_ascii_lowercase().contains("connection: close"), "{all}");
-    assert_eq!(*paths.lock().unwrap(), vec!["/a".to_string()], "the smuggled request never reached the upstream");
+    assert_eq!(
+        all.matches("HTTP/1.1 ").count(),
+        1,
+        "one response only: {all}"
+    );
+    assert!(
+        all.to_ascii_lowercase().contains("connection: close"),
+        "{all}"
+    );
+    assert_eq!(
+        *paths.lock().unwrap(),
+        vec!["/a".to_string()],
+        "the smuggled request never reached the upstream"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_header_senders_are_cut_off() {
     let a = Upstream::named("a").await;
-    let gw = TestGateway::start_with(&single("/a", &a.target(), ""), &["--header-read-timeout", "300ms"])
+    let gw = TestGateway::start_with(
+        &single("/a", &a.target(), ""),
+        &["--header-read-timeout", "300ms"],
+    )
+    .await
+    .unwrap();
+    let mut stream = TcpStream::connect(gw.addr).await.unwrap();
+    stream
+        .write_all(b"GET /a HTTP/1.1\r\nHost: x\r\n")
         .await
         .unwrap();
-    let mut stream = TcpStream::connect(gw.addr).await.unwrap();
-    stream.write_all(b"GET /a HTTP/1.1\r\nHost: x\r\n").await.unwrap();
     let start = Instant::now();
     let mut closed = false;
     for _ in 0..30 {
@@ -370,7 +448,9 @@ async fn slow_header_senders_are_cut_off() {
             break;
         }
         let mut buf = [0u8; 512];
-        if let Ok(Ok(n)) = tokio::time::timeout(Duration::from_millis(1), stream.read(&mut buf)).await {
+        if let Ok(Ok(n)) =
+            tokio::time::timeout(Duration::from_millis(1), stream.read(&mut buf)).await
+        {
             closed = true;
             let head = String::from_utf8_lossy(&buf[..n]).into_owned();
             assert!(n == 0 || head.starts_with("HTTP/1.1 408"), "{head}");
@@ -378,7 +458,11 @@ async fn slow_header_senders_are_cut_off() {
         }
     }
     assert!(closed, "connection was cut off");
-    assert!(start.elapsed() < Duration::from_secs(2), "{:?}", start.elapsed());
+    assert!(
+        start.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        start.elapsed()
+    );
     assert_eq!(a.hits(), 0);
 }
 
@@ -398,7 +482,12 @@ async fn request_bodies_are_replayed_on_retry() {
     let gw = TestGateway::start(&yaml).await;
     for i in 0..4 {
         let payload = format!("payload {i}");
-        let reply = send(Request::post(gw.url("/post")).body(Full::new(Bytes::from(payload.clone()))).unwrap()).await;
+        let reply = send(
+            Request::post(gw.url("/post"))
+                .body(Full::new(Bytes::from(payload.clone())))
+                .unwrap(),
+        )
+        .await;
         assert_eq!((reply.status, reply.body), (200, payload));
     }
     assert!(failing.hits() >= 1);

@@ -13,7 +13,11 @@ use proxy::Proxy;
 use tests::harness::Upstream;
 
 fn proxy_with(registry: Registry) -> Proxy {
-    Proxy::new(client::Factory::new(Default::default(), None), registry, Arc::new(Metrics::new()))
+    Proxy::new(
+        client::Factory::new(Default::default(), None),
+        registry,
+        Arc::new(Metrics::new()),
+    )
 }
 
 fn config(yaml: &str) -> configs::Gateway {
@@ -22,25 +26,45 @@ fn config(yaml: &str) -> configs::Gateway {
 
 async fn call(proxy: &Proxy, path: &str) -> (u16, String) {
     let peer: SocketAddr = "127.0.0.1:40000".parse().unwrap();
-    let response = proxy.handle(Request::get(path).body(Full::<bytes::Bytes>::default()).unwrap(), peer).await;
+    let response = proxy
+        .handle(
+            Request::get(path)
+                .body(Full::<bytes::Bytes>::default())
+                .unwrap(),
+            peer,
+        )
+        .await;
     let status = response.status().as_u16();
     let body = response.into_body().collect().await.unwrap().to_bytes();
     (status, String::from_utf8_lossy(&body).into_owned())
 }
 
-fn panicking(_: &configs::Middleware, _: &middleware::BuildContext) -> Result<Middleware, BuildError> {
+fn panicking(
+    _: &configs::Middleware,
+    _: &middleware::BuildContext,
+) -> Result<Middleware, BuildError> {
     Ok(Middleware::from_fn("boom", |_next| {
-        tower::util::BoxCloneSyncService::new(tower::service_fn(|_req: Request<middleware::Body>| async move {
-            if std::env::var_os("NEVER_SET_GATEWAY_TEST").is_none() {
-                panic!("middleware bug");
-            }
-            Ok::<Response<middleware::Body>, middleware::BoxError>(Response::new(middleware::empty_body()))
-        }))
+        tower::util::BoxCloneSyncService::new(tower::service_fn(
+            |_req: Request<middleware::Body>| async move {
+                if std::env::var_os("NEVER_SET_GATEWAY_TEST").is_none() {
+                    panic!("middleware bug");
+                }
+                Ok::<Response<middleware::Body>, middleware::BoxError>(Response::new(
+                    middleware::empty_body(),
+                ))
+            },
+        ))
     }))
 }
 
-fn refusing(config: &configs::Middleware, _: &middleware::BuildContext) -> Result<Middleware, BuildError> {
-    Err(BuildError::new(&config.name, "options.limit: must be positive"))
+fn refusing(
+    config: &configs::Middleware,
+    _: &middleware::BuildContext,
+) -> Result<Middleware, BuildError> {
+    Err(BuildError::new(
+        &config.name,
+        "options.limit: must be positive",
+    ))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -67,7 +91,10 @@ async fn a_failed_update_keeps_the_old_router() {
     registry.register("strict", refusing);
     let proxy = proxy_with(registry);
     proxy
-        .update(&config(&format!("endpoints:\n  - path: /old\n    backends: [{{target: {}}}]\n", upstream.target())))
+        .update(&config(&format!(
+            "endpoints:\n  - path: /old\n    backends: [{{target: {}}}]\n",
+            upstream.target()
+        )))
         .unwrap();
     // An unknown middleware that is not required is skipped.
     proxy
@@ -87,8 +114,15 @@ async fn a_failed_update_keeps_the_old_router() {
             .unwrap_err()
             .to_string();
         assert!(err.contains("/new"), "names the endpoint: {err}");
-        assert!(err.contains("nosuch") || err.contains("options.limit"), "names middleware and field: {err}");
-        assert_eq!(call(&proxy, "/old").await.0, 200, "old router still serving");
+        assert!(
+            err.contains("nosuch") || err.contains("options.limit"),
+            "names middleware and field: {err}"
+        );
+        assert_eq!(
+            call(&proxy, "/old").await.0,
+            200,
+            "old router still serving"
+        );
         assert_eq!(call(&proxy, "/new").await.0, 404);
     }
 }

@@ -8,6 +8,15 @@ fn endpoint(path: &str, method: &str, host: &str, target: &str) -> String {
     )
 }
 
+/// (method, path, request headers, expected status, expected upstream).
+type Case = (
+    &'static str,
+    &'static str,
+    &'static [(&'static str, &'static str)],
+    u16,
+    &'static str,
+);
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn path_forms_methods_and_hosts() {
     let names = ["exact", "prefix", "param", "regex", "post", "host", "any"];
@@ -28,7 +37,7 @@ async fn path_forms_methods_and_hosts() {
     );
     let gw = TestGateway::start(&yaml).await;
 
-    let cases: &[(&str, &str, &[(&str, &str)], u16, &str)] = &[
+    let cases: &[Case] = &[
         ("GET", "/api/echo/hello", &[], 200, "exact"),
         ("GET", "/api/echo/other", &[], 200, "prefix"),
         ("GET", "/api/echo/a/b/c", &[], 200, "prefix"),
@@ -39,9 +48,27 @@ async fn path_forms_methods_and_hosts() {
         ("GET", "/api/ids/abc", &[], 404, ""),
         ("POST", "/api/submit", &[], 200, "post"),
         ("GET", "/api/submit", &[], 405, ""),
-        ("GET", "/api/host", &[("host", "api.example.com")], 200, "host"),
-        ("GET", "/api/host", &[("host", "API.example.com:8080")], 200, "host"),
-        ("GET", "/api/host", &[("host", "other.example.com")], 200, "any"),
+        (
+            "GET",
+            "/api/host",
+            &[("host", "api.example.com")],
+            200,
+            "host",
+        ),
+        (
+            "GET",
+            "/api/host",
+            &[("host", "API.example.com:8080")],
+            200,
+            "host",
+        ),
+        (
+            "GET",
+            "/api/host",
+            &[("host", "other.example.com")],
+            200,
+            "any",
+        ),
         ("GET", "/nowhere", &[], 404, ""),
     ];
     for (method, path, headers, status, body) in cases {
@@ -50,7 +77,10 @@ async fn path_forms_methods_and_hosts() {
             req = req.header(*name, *value);
         }
         let reply = send(req.body(Default::default()).unwrap()).await;
-        assert_eq!(reply.status, *status, "{method} {path} {headers:?}: {reply:?}");
+        assert_eq!(
+            reply.status, *status,
+            "{method} {path} {headers:?}: {reply:?}"
+        );
         if !body.is_empty() {
             assert_eq!(reply.body, *body, "{method} {path} {headers:?}");
         }
@@ -59,5 +89,9 @@ async fn path_forms_methods_and_hosts() {
     let reply = get(&gw.url("/api/echo/x?q=1&r=%20")).await;
     assert_eq!(reply.header("x-seen-path"), "/api/echo/x?q=1&r=%20");
     let reply = get_with(&gw.url("/api/host"), &[("host", "api.example.com")]).await;
-    assert_eq!(reply.header("x-seen-host"), "api.example.com", "Host is passed through");
+    assert_eq!(
+        reply.header("x-seen-host"),
+        "api.example.com",
+        "Host is passed through"
+    );
 }

@@ -1,0 +1,219 @@
+//! Helpers shared by the built-in middlewares: option decoding that names the field,
+//! lenient number and duration fields as Kratos files write them, small responses.
+
+use std::fmt;
+use std::marker::PhantomData;
+use std::time::Duration;
+
+use http::{HeaderValue, Response, StatusCode};
+use serde::Deserialize;
+use serde::de::{self, DeserializeOwned, Deserializer, Visitor};
+
+use crate::{Body, BuildError, full_body};
+
+/// Decodes `config.options` into `T` (ignoring a protobuf `'@type'` key; absent options
+/// give `T::default()`). Errors name the middleware and the option field, e.g.
+/// `middleware ratelimit: options.burst: invalid type: string "x", expected a number`.
+pub fn decode<T: DeserializeOwned + Default>(
+    config: &configs::Middleware,
+) -> Result<T, BuildError> {
+    let mut value = config.options.clone();
+    if let serde_json::Value::Object(map) = &mut value {
+        map.remove("@type");
+    }
+    if value.is_null() {
+        return Ok(T::default());
+    }
+    serde_path_to_error::deserialize(value).map_err(|err| {
+        let path = err.path().to_string();
+        let field = if path == "." {
+            "options".to_owned()
+        } else {
+            format!("options.{path}")
+        };
+        BuildError::new(&config.name, format!("{field}: {}", err.inner()))
+    })
+}
+
+/// An error about option `field` of middleware `name`.
+pub fn option_error(name: &str, field: &str, message: impl fmt::Display) -> BuildError {
+    BuildError::new(name, format!("options.{field}: {message}"))
+}
+
+/// A small plain-text response, as middlewares answer when they stop a request.
+pub fn plain_response(status: StatusCode, text: impl Into<String>) -> Response<Body> {
+    let mut text = text.into();
+    if !text.ends_with('\n') {
+        text.push('\n');
+    }
+    let mut response = Response::new(full_body(text));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    response
+}
+
+/// `deserialize_with` for a duration written as Go/protojson text (`"1s"`, `"250ms"`).
+pub fn duration<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Duration, D::Error> {
+    let text = String::deserialize(deserializer)?;
+    configs::parse_duration(&text).map_err(de::Error::custom)
+}
+
+/// `deserialize_with` for an optional duration.
+pub fn opt_duration<'de, D: Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<Duration>, D::Error> {
+    let text: Option<String> = Option::deserialize(deserializer)?;
+    text.map(|text| configs::parse_duration(&text).map_err(de::Error::custom))
+        .transpose()
+}
+
+/// `deserialize_with` for an unsigned integer written as a number or a string (`10`, `"10"`).
+pub fn lenient_u64<'de, D: Deserializer<'de>>(deserializer: D) -> Result<u64, D::Error> {
+    deserializer.deserialize_any(NumberVisitor::<u64>(PhantomData))
+}
+
+/// `deserialize_with` for a number written as a number or a string (`2.5`, `"2.5"`).
+pub fn lenient_f64<'de, D: Deserializer<'de>>(deserializer: D) -> Result<f64, D::Error> {
+    deserializer.deserialize_any(NumberVisitor::<f64>(PhantomData))
+}
+
+struct NumberVisitor<T>(PhantomData<T>);
+
+trait FromNumber: Sized + std::str::FromStr {
+    const EXPECTING: &'static str;
+    fn from_u64(value: u64) -> Option<Self>;
+    fn from_i64(value: i64) -> Option<Self>;
+    fn from_f64(value: f64) -> Option<Self>;
+}
+
+impl FromNumber for u64 {
+    const EXPECTING: &'static str = "a non-negative integer (number or string)";
+    fn from_u64(value: u64) -> Option<Self> {
+        Some(value)
+    }
+    fn from_i64(value: i64) -> Option<Self> {
+        u64::try_from(value).ok()
+    }
+    fn from_f64(value: f64) -> Option<Self> {
+        let integral = value.fract() == 0.0 && value >= 0.0 && value <= u64::MAX as f64;
+        integral.then_some(value as u64)
+    }
+}
+
+impl FromNumber for f64 {
+    const EXPECTING: &'static str = "a number (or a string holding one)";
+    fn from_u64(value: u64) -> Option<Self> {
+        Some(value as f64)
+    }
+    fn from_i64(value: i64) -> Option<Self> {
+        Some(value as f64)
+    }
+    fn from_f64(value: f64) -> Option<Self> {
+        value.is_finite().then_some(value)
+    }
+}
+
+impl<T: FromNumber> Visitor<'_> for NumberVisitor<T> {
+    type Value = T;
+
+    fn expecting(&self, formatter: &mut fmt::Formatter) -> fmt::Result {
+        formatter.write_str(T::EXPECTING)
+    }
+
+    fn visit_u64<E: de::Error>(self, value: u64) -> Result<T, E> {
+        T::from_u64(value).ok_or_else(|| E::invalid_value(de::Unexpected::Unsigned(value), &self))
+    }
+
+    fn visit_i64<E: de::Error>(self, value: i64) -> Result<T, E> {
+        T::from_i64(value).ok_or_else(|| E::invalid_value(de::Unexpected::Signed(value), &self))
+    }
+
+    fn visit_f64<E: de::Error>(self, value: f64) -> Result<T, E> {
+        T::from_f64(value).ok_or_else(|| E::invalid_value(de::Unexpected::Float(value), &self))
+    }
+
+    fn visit_str<E: de::Error>(self, value: &str) -> Result<T, E> {
+        value
+            .trim()
+            .parse()
+            .map_err(|_| E::invalid_value(de::Unexpected::Str(value), &self))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, Default, serde::Deserialize)]
+    #[serde(deny_unknown_fields, rename_all = "camelCase", default)]
+    struct Sample {
+        #[serde(deserialize_with = "lenient_u64")]
+        max_keys: u64,
+        #[serde(deserialize_with = "duration")]
+        window: Duration,
+        inner: Inner,
+    }
+
+    #[derive(Debug, Default, serde::Deserialize)]
+    #[serde(deny_unknown_fields, default)]
+    struct Inner {
+        flag: bool,
+    }
+
+    fn entry(options: serde_json::Value) -> configs::Middleware {
+        configs::Middleware {
+            name: "sample".into(),
+            options,
+            required: false,
+        }
+    }
+
+    #[test]
+    fn numbers_and_durations_in_kratos_forms() {
+        let sample: Sample = decode(&entry(
+            serde_json::json!({"@type": "x", "maxKeys": "10", "window": "1.5s"}),
+        ))
+        .expect("decodes");
+        assert_eq!(sample.max_keys, 10);
+        assert_eq!(sample.window, Duration::from_millis(1500));
+        let sample: Sample = decode(&entry(serde_json::Value::Null)).expect("defaults");
+        assert_eq!(sample.max_keys, 0);
+    }
+
+    #[test]
+    fn errors_name_the_middleware_and_the_field() {
+        let err = decode::<Sample>(&entry(serde_json::json!({"maxKeys": "ten"}))).expect_err("bad");
+        assert!(
+            err.to_string()
+                .starts_with("middleware sample: options.maxKeys: invalid value"),
+            "{err}"
+        );
+        let err = decode::<Sample>(&entry(serde_json::json!({"window": "1x"}))).expect_err("bad");
+        assert!(
+            err.to_string().contains("options.window: unknown unit"),
+            "{err}"
+        );
+        let err =
+            decode::<Sample>(&entry(serde_json::json!({"inner": {"flg": true}}))).expect_err("bad");
+        assert!(
+            err.to_string()
+                .contains("options.inner.flg: unknown field `flg`"),
+            "{err}"
+        );
+        let err = decode::<Sample>(&entry(serde_json::json!({"maxKey": 1}))).expect_err("bad");
+        assert!(
+            err.to_string()
+                .contains("options.maxKey: unknown field `maxKey`"),
+            "{err}"
+        );
+        let err = decode::<Sample>(&entry(serde_json::json!({"inner": {"flag": "yes"}})))
+            .expect_err("bad");
+        assert!(
+            err.to_string().contains("options.inner.flag: invalid type"),
+            "{err}"
+        );
+    }
+}
