@@ -536,5 +536,18 @@ async fn a_broken_middleware_config_keeps_the_old_config_serving() {
         );
         assert_eq!(get(&gw.url("/ok")).await.body, "a");
         assert_eq!(get(&gw.url("/new")).await.status, 404);
+        // The loader shows the failure as its last error.
+        let field = if middleware == "ipfilter" {
+            "options.allow[0]"
+        } else {
+            "options.jwt.publicKeyFile"
+        };
+        let expected = format!("endpoint * /new: middleware {middleware}: {field}");
+        let inspect_url = gw.url("/debug/config/inspect");
+        let shown = eventually(Duration::from_secs(2), || async {
+            get(&inspect_url).await.body.contains(&expected)
+        })
+        .await;
+        assert!(shown, "{}", get(&inspect_url).await.body);
     }
 }

@@ -63,6 +63,12 @@ impl IpFilter {
         })
     }
 
+    /// Counts stopped requests in `denied`.
+    pub fn counting_denials(mut self, denied: IntCounter) -> Self {
+        self.denied = Some(denied);
+        self
+    }
+
     /// Whether a request from `address` may go on.
     pub fn allows(&self, address: IpAddr) -> bool {
         let address = address.to_canonical();
@@ -138,12 +144,11 @@ impl IpFilter {
 /// Builds `ipfilter` from its config entry.
 pub fn factory(config: &configs::Middleware, ctx: &BuildContext) -> Result<Middleware, BuildError> {
     let options: IpFilterOptions = decode(config)?;
-    let mut filter = IpFilter::new(&options, &config.name)?;
-    filter.denied = Some(ctx.metrics.middleware_denied.with_label_values(&[
-        NAME,
-        &ctx.endpoint.path,
-        "ip_denied",
-    ]));
+    let denied =
+        ctx.metrics
+            .middleware_denied
+            .with_label_values(&[NAME, &ctx.endpoint.path, "ip_denied"]);
+    let filter = IpFilter::new(&options, &config.name)?.counting_denials(denied);
     Ok(Middleware::from_layer(
         &config.name,
         FilterLayer::new(filter),

@@ -1,4 +1,6 @@
 //! Bearer JWT validation with `jsonwebtoken` (RustCrypto backend: pure Rust, no cmake).
+//! Only public-key verification is done here, so the `rsa` crate's timing advisory
+//! (RUSTSEC-2023-0071, private-key operations) does not apply.
 //!
 //! The accepted algorithms come from the key, never from the token: a token whose `alg`
 //! belongs to another key family (the "alg confusion" attack) is rejected. `exp` is

@@ -39,9 +39,10 @@ pub use self::layer::CircuitBreakerLayer;
 pub use self::options::CircuitBreakerOptions;
 use self::options::{ErrorThreshold, ResponseData, SuccessRatio};
 use self::trigger::{
-    Admission, RatioGate, SreThrottle, ThresholdBreaker, ThresholdSettings, Trigger,
+    Admission, BreakerState, RatioGate, SreThrottle, ThresholdBreaker, ThresholdSettings, Trigger,
 };
 use super::support::{decode, option_error, plain_response};
+use crate::metrics::Metrics;
 use crate::{Body, BoxError, BuildContext, BuildError, Middleware, full_body};
 
 /// The name this middleware is registered under and counted as.
@@ -50,12 +51,7 @@ pub const NAME: &str = "circuitbreaker";
 /// Builds `circuitbreaker` from its config entry.
 pub fn factory(config: &configs::Middleware, ctx: &BuildContext) -> Result<Middleware, BuildError> {
     let options: CircuitBreakerOptions = decode(config)?;
-    let denied = ctx.metrics.middleware_denied.with_label_values(&[
-        NAME,
-        &ctx.endpoint.path,
-        "breaker_open",
-    ]);
-    let breaker = Breaker::new(&options, &config.name, denied)?;
+    let breaker = Breaker::new(&options, &config.name, &ctx.endpoint.path, &ctx.metrics)?;
     Ok(Middleware::from_layer(
         &config.name,
         CircuitBreakerLayer::new(Arc::new(breaker)),
@@ -69,6 +65,7 @@ pub struct Breaker {
     success_conditions: Vec<configs::Condition>,
     when_open: OpenAction,
     denied: IntCounter,
+    endpoint: String,
 }
 
 enum OpenAction {
@@ -82,11 +79,12 @@ enum OpenAction {
 
 impl Breaker {
     /// Checks `options` (`name` is the middleware's configured name, for errors) and builds
-    /// a closed breaker.
+    /// a closed breaker for the endpoint with path pattern `endpoint`.
     pub fn new(
         options: &CircuitBreakerOptions,
         name: &str,
-        denied: IntCounter,
+        endpoint: &str,
+        metrics: &Metrics,
     ) -> Result<Self, BuildError> {
         let now = Instant::now();
         let triggers = [
@@ -160,7 +158,10 @@ impl Breaker {
             attempt_timeout,
             success_conditions: options.assert_conditions.clone(),
             when_open,
-            denied,
+            denied: metrics
+                .middleware_denied
+                .with_label_values(&[NAME, endpoint, "breaker_open"]),
+            endpoint: endpoint.to_owned(),
         })
     }
 
@@ -435,9 +436,16 @@ struct Outcome {
 impl Outcome {
     fn report(mut self, success: bool) {
         self.reported = true;
-        self.breaker
+        let endpoint = self.breaker.endpoint.as_str();
+        match self
+            .breaker
             .trigger
-            .record(self.admission, success, Instant::now());
+            .record(self.admission, success, Instant::now())
+        {
+            Some(BreakerState::Open) => tracing::warn!(endpoint, "circuit breaker opened"),
+            Some(BreakerState::Closed) => tracing::info!(endpoint, "circuit breaker closed"),
+            Some(BreakerState::HalfOpen) | None => {}
+        }
     }
 }
 

@@ -53,11 +53,20 @@ impl Trigger {
         }
     }
 
-    /// Reports the outcome of a request that was let through as `admission`.
-    pub fn record(&self, admission: Admission, success: bool, now: Instant) {
+    /// Reports the outcome of a request that was let through as `admission`; returns the
+    /// breaker's new state when this outcome changed it.
+    pub fn record(
+        &self,
+        admission: Admission,
+        success: bool,
+        now: Instant,
+    ) -> Option<BreakerState> {
         match self {
-            Trigger::Sre(sre) => sre.record(success, now),
-            Trigger::Ratio(_) => {}
+            Trigger::Sre(sre) => {
+                sre.record(success, now);
+                None
+            }
+            Trigger::Ratio(_) => None,
             Trigger::Threshold(breaker) => breaker.record(admission, success, now),
         }
     }
@@ -229,36 +238,45 @@ impl ThresholdBreaker {
         }
     }
 
-    /// Reports the outcome of a request admitted as `admission`.
-    pub fn record(&self, admission: Admission, success: bool, now: Instant) {
+    /// Reports the outcome of a request admitted as `admission`; returns the new state when
+    /// this outcome changed it.
+    pub fn record(
+        &self,
+        admission: Admission,
+        success: bool,
+        now: Instant,
+    ) -> Option<BreakerState> {
         let mut state = lock(&self.state);
         match admission {
+            Admission::Probe if success => {
+                state.phase = Phase::Closed;
+                state.window.reset(now);
+                Some(BreakerState::Closed)
+            }
             Admission::Probe => {
-                if success {
-                    state.phase = Phase::Closed;
-                    state.window.reset(now);
-                } else {
-                    state.phase = Phase::Open {
-                        until: now + self.settings.reset_timeout,
-                    };
-                }
+                state.phase = Phase::Open {
+                    until: now + self.settings.reset_timeout,
+                };
+                Some(BreakerState::Open)
             }
             Admission::Allowed => {
                 state.window.record(success, now);
                 if state.phase != Phase::Closed || success {
-                    return;
+                    return None;
                 }
                 let counts = state.window.summary(now);
                 let failed = counts.failures() as f64 * 100.0 / counts.total.max(1) as f64;
-                if counts.total >= self.settings.min_requests
-                    && failed >= self.settings.error_percentage
+                if counts.total < self.settings.min_requests
+                    || failed < self.settings.error_percentage
                 {
-                    state.phase = Phase::Open {
-                        until: now + self.settings.reset_timeout,
-                    };
+                    return None;
                 }
+                state.phase = Phase::Open {
+                    until: now + self.settings.reset_timeout,
+                };
+                Some(BreakerState::Open)
             }
-            Admission::Denied => {}
+            Admission::Denied => None,
         }
     }
 
