@@ -158,6 +158,7 @@ impl State {
                     service_name: instance.name.clone(),
                     version: instance.version.clone(),
                     metadata: instance.metadata.clone(),
+                    ..Node::default()
                 })
             })
             .collect();

@@ -24,6 +24,12 @@ pub enum Error {
         #[source]
         source: hyper_util::client::legacy::Error,
     },
+    /// The node's address is not a valid `host:port`.
+    #[error("node address {address:?} is not a valid host:port")]
+    BadAddress {
+        /// The node's address.
+        address: String,
+    },
     /// The request could not be addressed to the node.
     #[error("invalid upstream uri for {address}: {source}")]
     InvalidUri {

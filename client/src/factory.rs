@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use futures_util::future::BoxFuture;
 use http::header::HOST;
+use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{HeaderValue, Request, Response, Uri, Version};
 use http_body_util::BodyExt;
 use hyper_rustls::HttpsConnector;
@@ -185,6 +186,17 @@ impl Client {
         &self.inner.selector
     }
 
+    /// Sends one attempt without a middleware chain: `options` supplies the filters and
+    /// tried nodes and receives the picked node. The tower `Service` impl does the same with
+    /// the options found in the request's extensions.
+    pub async fn send(
+        &self,
+        req: Request<Body>,
+        options: &RequestOptions,
+    ) -> Result<Response<Body>, Error> {
+        self.inner.round_trip(req, Some(options)).await
+    }
+
     /// Stops the node applier (unsubscribes from the service watcher).
     pub fn close(&self) {
         self.inner.applier.close();
@@ -200,9 +212,15 @@ impl tower::Service<Request<Body>> for Client {
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, req: Request<Body>) -> Self::Future {
+    fn call(&mut self, mut req: Request<Body>) -> Self::Future {
         let inner = self.inner.clone();
-        Box::pin(async move { inner.round_trip(req).await.map_err(BoxError::from) })
+        let options = req.extensions_mut().remove::<RequestOptions>();
+        Box::pin(async move {
+            inner
+                .round_trip(req, options.as_ref())
+                .await
+                .map_err(BoxError::from)
+        })
     }
 }
 
@@ -230,8 +248,11 @@ impl Inner {
         }
     }
 
-    async fn round_trip(&self, mut req: Request<Body>) -> Result<Response<Body>, Error> {
-        let options = req.extensions().get::<RequestOptions>();
+    async fn round_trip(
+        &self,
+        mut req: Request<Body>,
+        options: Option<&RequestOptions>,
+    ) -> Result<Response<Body>, Error> {
         let (node, done) = self.pick(options)?;
         if let Some(options) = options {
             options.backend.set(node.clone());
@@ -243,21 +264,28 @@ impl Inner {
                 }
             }
         }
-        let path = req
-            .uri()
-            .path_and_query()
-            .map(|p| p.as_str())
-            .unwrap_or("/");
-        let uri = Uri::builder()
-            .scheme(if node.tls { "https" } else { "http" })
-            .authority(node.address.as_str())
-            .path_and_query(path)
-            .build()
-            .map_err(|source| Error::InvalidUri {
+        // Re-address the request, keeping its path and query (no copy of them).
+        let mut parts = std::mem::take(req.uri_mut()).into_parts();
+        parts.scheme = Some(if node.tls {
+            Scheme::HTTPS
+        } else {
+            Scheme::HTTP
+        });
+        let authority = node
+            .transport
+            .get_or_try_init(|| node.address.parse::<Authority>().ok())
+            .cloned()
+            .ok_or_else(|| Error::BadAddress {
                 address: node.address.clone(),
-                source,
             })?;
-        *req.uri_mut() = uri;
+        parts.authority = Some(authority);
+        if parts.path_and_query.is_none() {
+            parts.path_and_query = Some(PathAndQuery::from_static("/"));
+        }
+        *req.uri_mut() = Uri::from_parts(parts).map_err(|source| Error::InvalidUri {
+            address: node.address.clone(),
+            source: source.into(),
+        })?;
         *req.version_mut() = self.version;
         match self.http.request(req).await {
             Ok(response) => {

@@ -137,7 +137,12 @@ pub async fn run(
         let local = listener.local_addr().map_err(|err| err.to_string())?;
         local_addrs.push(local);
         tracing::info!(addr = %local, endpoints = loaded.gateway.endpoints.len(), "listening");
-        let handler = edge_handler(proxy.clone(), metrics.clone(), debug.clone());
+        let edge = Arc::new(Edge {
+            proxy: proxy.clone(),
+            metrics: metrics.clone(),
+            debug: debug.clone(),
+        });
+        let handler = move |req, remote| edge.clone().handle(req, remote);
         servers.push(tokio::spawn(serve(
             listener,
             options.clone(),
@@ -156,38 +161,31 @@ pub async fn run(
     Ok(())
 }
 
-/// The outermost service: `/metrics`, `/debug/*` (when enabled), then the proxy.
-fn edge_handler(
+/// The outermost service: `/metrics`, `/debug/*` (when enabled), then the proxy. Every
+/// branch lives in one async fn, so the proxied path pays for no extra boxing.
+struct Edge {
     proxy: Arc<Proxy>,
     metrics: Arc<Metrics>,
     debug: Option<Arc<debug::DebugMux>>,
-) -> impl Fn(Request<Incoming>, SocketAddr) -> futures_util::future::BoxFuture<'static, Response<Body>>
-+ Clone
-+ Send
-+ Sync
-+ 'static {
-    move |req, remote| {
-        let proxy = proxy.clone();
+}
+
+impl Edge {
+    async fn handle(self: Arc<Self>, req: Request<Incoming>, remote: SocketAddr) -> Response<Body> {
         if req.uri().path() == "/metrics" {
-            let text = metrics.encode();
-            return Box::pin(async move {
-                let mut response = Response::new(middleware::full_body(text));
-                response.headers_mut().insert(
-                    http::header::CONTENT_TYPE,
-                    http::HeaderValue::from_static("text/plain; version=0.0.4"),
-                );
-                response
-            });
+            let mut response = Response::new(middleware::full_body(self.metrics.encode()));
+            response.headers_mut().insert(
+                http::header::CONTENT_TYPE,
+                http::HeaderValue::from_static("text/plain; version=0.0.4"),
+            );
+            return response;
         }
-        if let Some(debug) = &debug
+        if let Some(debug) = &self.debug
             && debug::DebugMux::matches(req.uri().path())
         {
-            let debug = debug.clone();
-            return Box::pin(async move {
-                let response = debug.handle(req, remote).await;
-                response.map(|body| middleware::full_body(body.into_inner().unwrap_or_default()))
-            });
+            let response = debug.handle(req, remote).await;
+            return response
+                .map(|body| middleware::full_body(body.into_inner().unwrap_or_default()));
         }
-        Box::pin(async move { proxy.handle(req, remote).await })
+        self.proxy.handle(req, remote).await
     }
 }

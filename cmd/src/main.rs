@@ -22,10 +22,10 @@ fn main() -> ExitCode {
     };
     let _log_guard = init_logging();
     let mut runtime = tokio::runtime::Builder::new_multi_thread();
-    runtime.enable_all();
     if let Some(workers) = cli.workers {
         runtime.worker_threads(workers.max(1));
     }
+    runtime.enable_all();
     let runtime = match runtime.build() {
         Ok(runtime) => runtime,
         Err(err) => {

@@ -26,7 +26,9 @@ pub const MAX_REPLAY_BODY: u64 = 64 * 1024;
 /// Serves the requests of one endpoint.
 pub struct EndpointHandler {
     info: Arc<EndpointInfo>,
-    tripper: RoundTripper,
+    /// The middleware chain; None when the endpoint has no middleware, so attempts call the
+    /// client directly (no boxing, no request extension).
+    tripper: Option<RoundTripper>,
     client: client::Client,
     middlewares: Vec<Middleware>,
     timeout: Option<Duration>,
@@ -43,10 +45,15 @@ struct Head {
 }
 
 impl Head {
-    fn request(&self, body: Body, headers: HeaderMap) -> Request<Body> {
+    /// The request of one attempt; `last` moves the URI out instead of copying it.
+    fn request(&mut self, body: Body, headers: HeaderMap, last: bool) -> Request<Body> {
         let mut request = Request::new(body);
         *request.method_mut() = self.method.clone();
-        *request.uri_mut() = self.uri.clone();
+        *request.uri_mut() = if last {
+            std::mem::take(&mut self.uri)
+        } else {
+            self.uri.clone()
+        };
         *request.version_mut() = self.version;
         *request.headers_mut() = headers;
         request
@@ -62,10 +69,13 @@ impl EndpointHandler {
         middlewares: Vec<Middleware>,
         metrics: &Metrics,
     ) -> Self {
-        let mut tripper: RoundTripper = BoxCloneSyncService::new(client.clone());
-        for middleware in middlewares.iter().rev() {
-            tripper = middleware.wrap(tripper);
-        }
+        let tripper = (!middlewares.is_empty()).then(|| {
+            let mut tripper: RoundTripper = BoxCloneSyncService::new(client.clone());
+            for middleware in middlewares.iter().rev() {
+                tripper = middleware.wrap(tripper);
+            }
+            tripper
+        });
         Self {
             metrics: metrics.endpoint(&info),
             in_flight: metrics.in_flight.clone(),
@@ -106,7 +116,8 @@ impl EndpointHandler {
             handler: self,
             start: Instant::now(),
             method: parts.method.clone(),
-            uri: parts.uri.clone(),
+            uri: tracing::enabled!(target: "access", tracing::Level::INFO)
+                .then(|| parts.uri.clone()),
             options: RequestOptions::new(self.info.clone(), Some(remote)),
             finished: false,
         };
@@ -142,6 +153,12 @@ impl EndpointHandler {
             }
         };
         record.finish(response.status().as_u16());
+        // A body of known length is counted at once; only streams of unknown length are
+        // wrapped to count as they flow.
+        if let Some(length) = response.body().size_hint().exact() {
+            self.metrics.tx_bytes.inc_by(length);
+            return response;
+        }
         let tx = self.metrics.tx_bytes.clone();
         response.map(|body| {
             CountingBody {
@@ -190,21 +207,29 @@ impl EndpointHandler {
             } else {
                 std::mem::take(&mut head.headers)
             };
-            let mut request = head.request(body, headers);
-            request.extensions_mut().insert(options.clone());
-            let call = round_trip(self.tripper.clone(), request);
-            let result = match self.retry.per_try_timeout {
-                Some(limit) => tokio::time::timeout(limit, call)
-                    .await
-                    .unwrap_or_else(|elapsed| Err(BoxError::from(elapsed))),
-                None => call.await,
-            };
-            if let Some(node) = options.backend.get() {
-                if !options.tried.contains(&node.address) {
-                    options.tried.push(node.address.clone());
+            let mut request = head.request(body, headers, attempt >= attempts);
+            let result = match &self.tripper {
+                Some(tripper) => {
+                    request.extensions_mut().insert(options.clone());
+                    let call = round_trip(tripper.clone(), request);
+                    within(self.retry.per_try_timeout, call)
+                        .await
+                        .and_then(|result| result.map_err(ProxyError::from_round_trip))
                 }
-            }
+                None => within(
+                    self.retry.per_try_timeout,
+                    self.client.send(request, options),
+                )
+                .await
+                .and_then(|result| result.map_err(ProxyError::from_client)),
+            };
             let last = attempt >= attempts;
+            if !last
+                && let Some(node) = options.backend.get()
+                && !options.tried.contains(&node.address)
+            {
+                options.tried.push(node.address.clone());
+            }
             match result {
                 Ok(response) => {
                     if last
@@ -216,7 +241,6 @@ impl EndpointHandler {
                     tracing::debug!(endpoint = %self.info.path, status = response.status().as_u16(), attempt, "retrying on response");
                 }
                 Err(err) => {
-                    let err = ProxyError::from_round_trip(err);
                     let retryable = matches!(err, ProxyError::Upstream(_) | ProxyError::Timeout);
                     if last || !retryable || !self.retry.budget().withdraw() {
                         return Err(err);
@@ -236,6 +260,19 @@ impl Drop for EndpointHandler {
     }
 }
 
+/// Runs `future` under the per-try timeout, if there is one.
+async fn within<F: std::future::Future>(
+    limit: Option<Duration>,
+    future: F,
+) -> Result<F::Output, ProxyError> {
+    match limit {
+        Some(limit) => tokio::time::timeout(limit, future)
+            .await
+            .map_err(|_| ProxyError::Timeout),
+        None => Ok(future.await),
+    }
+}
+
 /// One call of the chain (readiness first, as tower requires).
 async fn round_trip(
     mut tripper: RoundTripper,
@@ -251,7 +288,8 @@ struct Record<'a> {
     handler: &'a EndpointHandler,
     start: Instant,
     method: Method,
-    uri: Uri,
+    /// Kept only while the access log is enabled (the copy costs an allocation).
+    uri: Option<Uri>,
     options: RequestOptions,
     finished: bool,
 }
@@ -270,11 +308,12 @@ impl Record<'_> {
                 handler.metrics.retry_failure.inc();
             }
         }
+        let Some(uri) = &self.uri else { return };
         let backend = self.options.backend.get();
         tracing::info!(
             target: "access",
             method = %self.method,
-            path = self.uri.path(),
+            path = uri.path(),
             endpoint = %handler.info.path,
             backend = backend.as_ref().map_or("", |node| node.address.as_str()),
             status,

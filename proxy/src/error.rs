@@ -42,6 +42,14 @@ impl ProxyError {
         ProxyError::Upstream(err)
     }
 
+    /// Classifies an error of a direct client call.
+    pub fn from_client(err: client::Error) -> Self {
+        match err {
+            client::Error::NoNode => ProxyError::NoNode,
+            other => ProxyError::Upstream(Box::new(other)),
+        }
+    }
+
     /// The HTTP status a downstream client sees.
     pub fn status(&self) -> StatusCode {
         match self {

@@ -2,7 +2,7 @@
 
 use std::net::IpAddr;
 
-use http::header::{CONNECTION, HeaderMap, HeaderName, HeaderValue, TE};
+use http::header::{CONNECTION, HeaderMap, HeaderName, HeaderValue, TE, UPGRADE};
 
 static HOP_BY_HOP: [HeaderName; 8] = [
     CONNECTION,
@@ -18,6 +18,12 @@ static HOP_BY_HOP: [HeaderName; 8] = [
 /// Removes hop-by-hop headers and every header named in `Connection` (RFC 9110 §7.6.1).
 /// `TE: trailers` survives when `keep_te_trailers` (gRPC needs it end to end).
 pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap, keep_te_trailers: bool) {
+    // Most messages carry none of these: one pass over the names decides, and only then
+    // are lookups and removals paid for.
+    let present = headers.keys().any(is_hop_by_hop);
+    if !present {
+        return;
+    }
     let te_trailers = keep_te_trailers
         && headers
             .get(TE)
@@ -37,15 +43,34 @@ pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap, keep_te_trailers: bool) 
     for name in &HOP_BY_HOP {
         headers.remove(name);
     }
-    headers.remove(http::header::UPGRADE);
+    headers.remove(UPGRADE);
     if te_trailers {
         headers.insert(TE, HeaderValue::from_static("trailers"));
     }
 }
 
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    matches!(
+        name.as_str(),
+        "connection"
+            | "keep-alive"
+            | "proxy-connection"
+            | "proxy-authenticate"
+            | "proxy-authorization"
+            | "te"
+            | "trailer"
+            | "transfer-encoding"
+            | "upgrade"
+    )
+}
+
 /// Appends the peer's address to `X-Forwarded-For` (one combined header).
 pub(crate) fn append_forwarded_for(headers: &mut HeaderMap, peer: IpAddr) {
     static XFF: HeaderName = HeaderName::from_static("x-forwarded-for");
+    if !headers.contains_key(&XFF) {
+        headers.insert(&XFF, ip_value(peer));
+        return;
+    }
     let peer = peer.to_string();
     let value = match headers.get(&XFF).and_then(|v| v.to_str().ok()) {
         Some(prior) if !prior.trim().is_empty() => {
@@ -72,6 +97,34 @@ pub(crate) fn append_forwarded_for(headers: &mut HeaderMap, peer: IpAddr) {
     }
 }
 
+/// The peer address as a header value; IPv4 without the formatting machinery (it runs on
+/// every request).
+fn ip_value(peer: IpAddr) -> HeaderValue {
+    let IpAddr::V4(v4) = peer else {
+        return HeaderValue::from_str(&peer.to_string())
+            .unwrap_or(HeaderValue::from_static("unknown"));
+    };
+    let mut buf = [0u8; 15];
+    let mut len = 0;
+    for (i, octet) in v4.octets().into_iter().enumerate() {
+        if i > 0 {
+            buf[len] = b'.';
+            len += 1;
+        }
+        if octet >= 100 {
+            buf[len] = b'0' + octet / 100;
+            len += 1;
+        }
+        if octet >= 10 {
+            buf[len] = b'0' + (octet / 10) % 10;
+            len += 1;
+        }
+        buf[len] = b'0' + octet % 10;
+        len += 1;
+    }
+    HeaderValue::from_bytes(&buf[..len]).unwrap_or(HeaderValue::from_static("unknown"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -91,6 +144,20 @@ mod tests {
         h.insert(TE, HeaderValue::from_static("trailers"));
         strip_hop_by_hop(&mut h, true);
         assert_eq!(h.get(TE).map(|v| v.as_bytes()), Some(&b"trailers"[..]));
+    }
+
+    #[test]
+    fn ipv4_values() {
+        for ip in [
+            "0.0.0.0",
+            "127.0.0.1",
+            "10.20.30.40",
+            "255.255.255.255",
+            "1.100.9.99",
+        ] {
+            assert_eq!(ip_value(ip.parse().unwrap()), ip);
+        }
+        assert_eq!(ip_value("::1".parse().unwrap()), "::1");
     }
 
     #[test]

@@ -240,12 +240,18 @@ impl Proxy {
             }
         };
         let _in_flight = state.router.enter();
-        let req = req.map(|body| body.map_err(Into::into).boxed_unsync());
+        // An empty body (most GETs) needs no boxed wrapper.
+        let req = req.map(|body| {
+            if body.is_end_stream() {
+                middleware::empty_body()
+            } else {
+                body.map_err(Into::into).boxed_unsync()
+            }
+        });
         let protocol = handler.info().protocol;
-        match AssertUnwindSafe(handler.serve(req, remote))
-            .catch_unwind()
-            .await
-        {
+        // Boxed once here, so the layers above move a pointer rather than the whole state.
+        let serve = Box::pin(handler.serve(req, remote));
+        match AssertUnwindSafe(serve).catch_unwind().await {
             Ok(response) => response,
             Err(_) => {
                 tracing::error!(endpoint = %handler.info().path, "handler panicked");

@@ -15,21 +15,48 @@
 //! as given: no percent-decoding, no dot-segment removal, and the caller passes the URI
 //! path without its query string.
 //!
+//! A method of `""` or `"*"` means any method; methods compare case-insensitively. A host
+//! of `""` means any host; otherwise it is one exact name (no wildcards), compared
+//! case-insensitively with the request's port and any trailing dot ignored.
+//!
+//! ```
+//! use router::{MuxRouter, RouteMatch, Router};
+//!
+//! let mut router = MuxRouter::new();
+//! router.handle("/api/echo/*", "", "", "echo", None)?;
+//! router.handle("/api/users/{id:[0-9]+}", "GET", "", "user", None)?;
+//! assert_eq!(router.route("get", "api.example.com:8080", "/api/users/42").found(), Some(&"user"));
+//! assert_eq!(router.route("GET", "", "/api/echo").found(), Some(&"echo"));
+//! assert_eq!(router.route("POST", "", "/api/users/42"), RouteMatch::MethodNotAllowed);
+//! assert_eq!(router.route("GET", "", "/api/users/bob"), RouteMatch::NotFound);
+//! # Ok::<(), router::RouteError>(())
+//! ```
+//!
 //! # Priority
 //!
-//! When several routes match a request, the most specific one wins, compared segment by
-//! segment from the left: a static segment beats a parameter, a parameter beats the end of
-//! a prefix route's fixed part. So exact beats restful beats prefix, and `/api/echo/*`
-//! beats `/api/*` for `/api/echo/x`. Routes with the same shape (for example
-//! `/x/{id:[0-9]+}` and `/x/{name:[a-z]+}`) are tried host-specific first, then in
-//! registration order. A route takes the request only if its constraints, host and method
-//! all match; otherwise the next route in priority order is tried. When none takes it,
-//! the result is [`RouteMatch::MethodNotAllowed`] if some route matched path, constraints
-//! and host but not the method, else [`RouteMatch::NotFound`].
+//! When several routes match a path they are tried in this order:
+//! 1. exact patterns, then restful patterns, then prefix patterns, whatever their lengths;
+//! 2. among restful patterns, compared segment by segment from the left, a static segment
+//!    beats a parameter (matchit's order): `/x/{id}/posts` before `/x/{a}/{b}`;
+//! 3. among prefix patterns, the longest fixed part first (`/api/echo/*` before `/api/*`
+//!    for `/api/echo/x`), then rule 2 between fixed parts of equal length;
+//! 4. patterns of the same shape (`/x/{id:[0-9]+}` and `/x/{name:[a-z]+}`, or `/x/{a}`
+//!    for GET and `/x/{b}` for POST): host-specific first, then registration order.
 //!
-//! Lookups take no lock and do not allocate: one matchit lookup plus a scan of the few
-//! routes sharing the matched shape. Only when those all decline does the lookup walk a
-//! precomputed (lazily, once per shape) list of other routes that could match.
+//! A route takes the request only if its constraints, host and method all match;
+//! otherwise the next route in that order is tried, so a GET-only `/api/users` lets a POST
+//! fall through to `/api/*`. When no route takes it, the result is
+//! [`RouteMatch::MethodNotAllowed`] if some route matched path, constraints and host but
+//! not the method, else [`RouteMatch::NotFound`].
+//!
+//! # Cost
+//!
+//! A lookup counts the path's segments, then does one matchit lookup in each tree that
+//! holds patterns of that length (for prefixes: each truncation length some prefix
+//! pattern has), and scans the few routes sharing the matched key. It takes no lock and,
+//! in the common case, allocates nothing; the cost grows with the path, not the table.
+//! Only when every route under the matched key declines does it walk that key's list of
+//! other overlapping routes, computed once on first need.
 
 #![forbid(unsafe_code)]
 
@@ -41,7 +68,7 @@ use std::future::Future;
 use std::time::Duration;
 
 pub use inflight::InFlight;
-pub use mux::MuxRouter;
+pub use mux::{MuxRouter, RouteEntry};
 
 /// Runs once when the router is closed (after in-flight requests drained or the grace expired).
 pub type Closer = Box<dyn FnOnce() + Send + Sync>;
@@ -157,6 +184,7 @@ pub trait Router<H>: Send + Sync {
 
     /// Waits until no request is in flight or `grace` elapsed, then runs every closer once,
     /// in registration order. Idempotent: a concurrent call waits for the first one to
-    /// finish, a later call returns at once, and closers never run twice.
+    /// finish, a later call returns at once, and closers never run twice. Poll it inside a
+    /// tokio runtime (it uses tokio's timer).
     fn sync_close(&self, grace: Duration) -> impl Future<Output = ()> + Send;
 }

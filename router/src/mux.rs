@@ -6,23 +6,28 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use crate::inflight::{InFlight, Lifecycle};
-use crate::pattern::Pattern;
+use crate::pattern::{Constraints, Pattern, Regexes};
 use crate::{Closer, RouteError, RouteMatch, Router};
 
-/// The routing table: exact and restful patterns in one matchit tree, the fixed parts of
-/// prefix patterns in another, and the closers of every route.
+/// The routing table: three matchit trees (exact patterns, restful patterns, the fixed
+/// parts of prefix patterns) and the closers of every route.
+///
+/// Exact patterns get a tree of their own because matchit allocates a backtracking record
+/// whenever a lookup passes a node that has both static and parameter children; kept
+/// apart, the common exact and prefix lookups never allocate.
 ///
 /// Build it with [`Router::handle`], then share it read-only (it is `Sync`); see the crate
 /// docs for the matching and priority rules.
 pub struct MuxRouter<H> {
     routes: Vec<Route<H>>,
-    /// Exact and restful patterns.
-    paths: Table,
+    /// Patterns without parameters.
+    exact: Table,
+    /// Patterns with parameters (not prefix).
+    restful: Table,
     /// Prefix patterns, keyed by their fixed part.
     prefixes: Table,
-    /// The longest fixed part (in segments) of any prefix pattern; longer path
-    /// truncations need no lookup.
-    longest_prefix: usize,
+    /// Compiled constraints, shared between routes.
+    regexes: Regexes,
     lifecycle: Lifecycle,
 }
 
@@ -40,29 +45,61 @@ pub struct RouteEntry<'a, H> {
 }
 
 struct Route<H> {
-    pattern: Pattern,
+    handler: H,
     /// Upper case; `None` = any method.
-    method: Option<Box<str>>,
+    method: Option<MethodName>,
     /// Lower case, port stripped; `None` = any host.
     host: Option<Box<str>>,
-    handler: H,
+    /// The pattern's regexes, checked against matchit's captures.
+    constraints: Constraints,
+    pattern: Pattern,
+}
+
+/// An upper-case method name; the standard ones point at static strings so a lookup
+/// compares without touching the heap.
+#[derive(Debug, PartialEq, Eq)]
+enum MethodName {
+    Standard(&'static str),
+    Other(Box<str>),
+}
+
+impl MethodName {
+    const STANDARD: [&'static str; 9] = [
+        "GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS", "CONNECT", "TRACE",
+    ];
+
+    fn new(upper: String) -> Self {
+        match Self::STANDARD.iter().find(|standard| **standard == upper) {
+            Some(standard) => Self::Standard(standard),
+            None => Self::Other(upper.into()),
+        }
+    }
+
+    fn as_str(&self) -> &str {
+        match self {
+            Self::Standard(name) => name,
+            Self::Other(name) => name,
+        }
+    }
 }
 
 impl<H> Route<H> {
+    /// `host` is the request's Host as received; it is normalised only when this route
+    /// names a host, so host-less tables never pay for it.
     fn host_matches(&self, host: &str) -> bool {
         self.host
             .as_deref()
-            .is_none_or(|want| want.eq_ignore_ascii_case(host))
+            .is_none_or(|want| want.eq_ignore_ascii_case(host_without_port(host)))
     }
 
     fn method_matches(&self, method: &str) -> bool {
         self.method
-            .as_deref()
-            .is_none_or(|want| want.eq_ignore_ascii_case(method))
+            .as_ref()
+            .is_none_or(|want| want.as_str().eq_ignore_ascii_case(method))
     }
 }
 
-/// The request as the tables see it: method as given, host without its port.
+/// The request as the tables see it: method and host as given.
 struct Request<'r> {
     method: &'r str,
     host: &'r str,
@@ -101,40 +138,90 @@ struct Table {
     empty: Option<usize>,
     /// Route ids by pattern length, to compute fallbacks without scanning everything.
     by_len: HashMap<usize, Vec<usize>>,
+    /// Bit `n` is set when some pattern has `n` segments (63 stands for 63 or more), so
+    /// lookups skip trees that cannot hold a path of that length.
+    lengths: u64,
+    /// Whether two different keys here can match the same path (not so for exact
+    /// patterns), which is when slots need fallback lists.
+    keys_overlap: bool,
     /// Whether any slot has computed its fallback list (so `insert` must reset them).
     fallbacks_used: AtomicBool,
 }
 
-#[derive(Default)]
 struct Slot {
-    /// Route ids: host-specific first, each group in registration order.
-    routes: Vec<usize>,
+    /// The first route id; most slots hold only this one, so it is kept inline.
+    first: usize,
+    /// The other route ids. All ids are ordered host-specific first, each group in
+    /// registration order.
+    more: Vec<usize>,
     /// Other routes of the same table that could match a path this slot matches, in
     /// priority order. Computed on the first lookup where every route here declined.
     fallback: OnceLock<Box<[usize]>>,
 }
 
+impl Slot {
+    fn new(first: usize) -> Self {
+        Self {
+            first,
+            more: Vec::new(),
+            fallback: OnceLock::new(),
+        }
+    }
+
+    /// The route ids in the order they are tried.
+    fn ids(&self) -> impl Iterator<Item = usize> + '_ {
+        std::iter::once(self.first).chain(self.more.iter().copied())
+    }
+
+    /// Adds `id`, before the first host-less route if `host_specific`.
+    fn add<H>(&mut self, routes: &[Route<H>], id: usize, host_specific: bool) {
+        let mut ids: Vec<usize> = self.ids().collect();
+        let position = if host_specific {
+            ids.iter()
+                .position(|&other| routes[other].host.is_none())
+                .unwrap_or(ids.len())
+        } else {
+            ids.len()
+        };
+        ids.insert(position, id);
+        self.first = ids.remove(0);
+        self.more = ids;
+    }
+}
+
 impl Table {
+    /// A table for patterns without parameters: distinct keys never match the same path.
+    fn for_exact() -> Self {
+        Self::default()
+    }
+
+    /// A table whose keys may overlap (`/x/{id}/y` and `/x/{a}/{b}`).
+    fn for_overlapping() -> Self {
+        Self {
+            keys_overlap: true,
+            ..Self::default()
+        }
+    }
+
     /// The routes already registered under `pattern`'s key.
     fn same_key<'a, H>(
-        &self,
+        &'a self,
         routes: &'a [Route<H>],
         pattern: &Pattern,
     ) -> impl Iterator<Item = &'a Route<H>> {
-        let ids = self
-            .keys
+        self.keys
             .get(pattern.key().as_str())
-            .map(|&slot| self.slots[slot].routes.clone())
-            .unwrap_or_default();
-        ids.into_iter().map(move |id| &routes[id])
+            .into_iter()
+            .flat_map(|&slot| self.slots[slot].ids())
+            .map(move |id| &routes[id])
     }
 
     /// Adds route `id` (already pushed to `routes`) under its pattern's key.
     fn insert<H>(&mut self, routes: &[Route<H>], id: usize) -> Result<(), RouteError> {
         let route = &routes[id];
         let key = route.pattern.key();
-        let slot = match self.keys.get(key.as_str()) {
-            Some(&slot) => slot,
+        match self.keys.get(key.as_str()) {
+            Some(&slot) => self.slots[slot].add(routes, id, route.host.is_some()),
             None => {
                 let slot = self.slots.len();
                 if key.is_empty() {
@@ -148,26 +235,31 @@ impl Table {
                         })?;
                 }
                 self.keys.insert(key.into(), slot);
-                self.slots.push(Slot::default());
-                slot
+                self.slots.push(Slot::new(id));
             }
-        };
-        let ids = &mut self.slots[slot].routes;
-        let position = if route.host.is_some() {
-            ids.iter()
-                .position(|&other| routes[other].host.is_none())
-                .unwrap_or(ids.len())
-        } else {
-            ids.len()
-        };
-        ids.insert(position, id);
+        }
         self.by_len.entry(route.pattern.len()).or_default().push(id);
+        self.lengths |= 1 << route.pattern.len().min(63);
         if self.fallbacks_used.swap(false, Ordering::Relaxed) {
             for slot in &mut self.slots {
                 slot.fallback.take();
             }
         }
         Ok(())
+    }
+
+    /// Whether some pattern here has `segments` segments.
+    fn holds_length(&self, segments: usize) -> bool {
+        self.lengths & (1 << segments.min(63)) != 0
+    }
+
+    /// Whether some pattern here has at most `segments` segments.
+    fn holds_length_up_to(&self, segments: usize) -> bool {
+        let below = match segments {
+            63.. => u64::MAX,
+            n => (1 << (n + 1)) - 1,
+        };
+        self.lengths & below != 0
     }
 
     /// Finds the first route in priority order that takes a request for exactly `path`
@@ -181,7 +273,7 @@ impl Table {
     ) -> Option<&'a H> {
         let slot = if path.is_empty() {
             let slot = self.empty?;
-            for &id in &self.slots[slot].routes {
+            for id in self.slots[slot].ids() {
                 if let Some(handler) = verdict.offer(&routes[id], request) {
                     return Some(handler);
                 }
@@ -190,11 +282,11 @@ impl Table {
         } else {
             let found = self.tree.at(path).ok()?;
             let slot = *found.value;
-            for &id in &self.slots[slot].routes {
+            for id in self.slots[slot].ids() {
                 let route = &routes[id];
                 if route
-                    .pattern
-                    .constraints_hold(found.params.iter().map(|(_, value)| value))
+                    .constraints
+                    .hold(found.params.iter().map(|(_, value)| value))
                 {
                     if let Some(handler) = verdict.offer(route, request) {
                         return Some(handler);
@@ -203,6 +295,9 @@ impl Table {
             }
             slot
         };
+        if !self.keys_overlap {
+            return None;
+        }
         for &id in self.fallback(routes, slot) {
             let route = &routes[id];
             if route.pattern.matches_exactly(path) {
@@ -219,17 +314,16 @@ impl Table {
         let slot = &self.slots[slot];
         slot.fallback.get_or_init(|| {
             self.fallbacks_used.store(true, Ordering::Relaxed);
-            let Some(&first) = slot.routes.first() else {
-                return Box::default();
-            };
-            let shape = &routes[first].pattern;
+            let shape = &routes[slot.first].pattern;
             let mut ids: Vec<usize> = self
                 .by_len
                 .get(&shape.len())
                 .into_iter()
                 .flatten()
                 .copied()
-                .filter(|id| !slot.routes.contains(id) && routes[*id].pattern.overlaps(shape))
+                .filter(|&id| {
+                    !slot.ids().any(|own| own == id) && routes[id].pattern.overlaps(shape)
+                })
                 .collect();
             ids.sort_by(|&a, &b| {
                 let (ra, rb) = (&routes[a], &routes[b]);
@@ -248,9 +342,10 @@ impl<H> MuxRouter<H> {
     pub fn new() -> Self {
         Self {
             routes: Vec::new(),
-            paths: Table::default(),
-            prefixes: Table::default(),
-            longest_prefix: 0,
+            exact: Table::for_exact(),
+            restful: Table::for_overlapping(),
+            prefixes: Table::for_overlapping(),
+            regexes: Regexes::default(),
             lifecycle: Lifecycle::default(),
         }
     }
@@ -274,10 +369,18 @@ impl<H> MuxRouter<H> {
     pub fn routes(&self) -> impl Iterator<Item = RouteEntry<'_, H>> {
         self.routes.iter().map(|route| RouteEntry {
             pattern: route.pattern.text(),
-            method: route.method.as_deref(),
+            method: route.method.as_ref().map(MethodName::as_str),
             host: route.host.as_deref(),
             handler: &route.handler,
         })
+    }
+
+    fn table(&self, kind: TableKind) -> &Table {
+        match kind {
+            TableKind::Exact => &self.exact,
+            TableKind::Restful => &self.restful,
+            TableKind::Prefix => &self.prefixes,
+        }
     }
 
     fn register(
@@ -287,46 +390,63 @@ impl<H> MuxRouter<H> {
         host: &str,
         handler: H,
     ) -> Result<(), RouteError> {
-        let pattern = Pattern::parse(pattern)?;
+        let pattern = Pattern::parse(pattern, &mut self.regexes)?;
         let method = normalise_method(pattern.text(), method)?;
         let host = normalise_host(pattern.text(), host)?;
-        let table = if pattern.is_prefix() {
-            &self.prefixes
-        } else {
-            &self.paths
-        };
+        let kind = TableKind::of(&pattern);
+        let table = self.table(kind);
         let duplicate = table.same_key(&self.routes, &pattern).any(|other| {
             other.pattern.same_as(&pattern) && other.method == method && other.host == host
         });
         if duplicate {
             return Err(RouteError::Duplicate {
                 pattern: pattern.text().to_owned(),
-                method: method.as_deref().unwrap_or_default().to_owned(),
+                method: method
+                    .as_ref()
+                    .map(MethodName::as_str)
+                    .unwrap_or_default()
+                    .to_owned(),
                 host: host.as_deref().unwrap_or_default().to_owned(),
             });
         }
-        let prefix = pattern.is_prefix();
-        let len = pattern.len();
         self.routes.push(Route {
-            pattern,
+            handler,
             method,
             host,
-            handler,
+            constraints: pattern.constraints(),
+            pattern,
         });
         let id = self.routes.len() - 1;
-        let table = if prefix {
-            &mut self.prefixes
-        } else {
-            &mut self.paths
+        let table = match kind {
+            TableKind::Exact => &mut self.exact,
+            TableKind::Restful => &mut self.restful,
+            TableKind::Prefix => &mut self.prefixes,
         };
         if let Err(error) = table.insert(&self.routes, id) {
             self.routes.pop();
             return Err(error);
         }
-        if prefix {
-            self.longest_prefix = self.longest_prefix.max(len);
-        }
         Ok(())
+    }
+}
+
+/// Which of the three trees a pattern lives in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum TableKind {
+    Exact,
+    Restful,
+    Prefix,
+}
+
+impl TableKind {
+    fn of(pattern: &Pattern) -> Self {
+        if pattern.is_prefix() {
+            Self::Prefix
+        } else if pattern.has_params() {
+            Self::Restful
+        } else {
+            Self::Exact
+        }
     }
 }
 
@@ -372,40 +492,39 @@ impl<H: Send + Sync> Router<H> for MuxRouter<H> {
     }
 
     fn route(&self, method: &str, host: &str, path: &str) -> RouteMatch<'_, H> {
-        let request = Request {
-            method,
-            host: host_without_port(host),
-        };
-        let mut verdict = Verdict::default();
-        if let Some(handler) = self
-            .paths
-            .lookup(&self.routes, path, &request, &mut verdict)
-        {
-            return RouteMatch::Found(handler);
+        if !path.starts_with('/') {
+            return RouteMatch::NotFound;
         }
-        if !self.prefixes.slots.is_empty() && path.starts_with('/') {
-            // Try the path's truncations at `/` boundaries, longest first: `/a/b/c`,
-            // `/a/b`, `/a`, then "" (the root prefix). Truncations longer than any
-            // prefix pattern cannot match and are skipped without a lookup.
-            let mut segments = path.bytes().filter(|&b| b == b'/').count();
-            let mut end = path.len();
-            while segments > self.longest_prefix {
-                end = path[..end].rfind('/').unwrap_or(0);
-                segments -= 1;
+        let request = Request { method, host };
+        let mut verdict = Verdict::default();
+        let segments = path.bytes().filter(|&b| b == b'/').count();
+        for table in [&self.exact, &self.restful] {
+            if table.holds_length(segments) {
+                if let Some(handler) = table.lookup(&self.routes, path, &request, &mut verdict) {
+                    return RouteMatch::Found(handler);
+                }
             }
-            loop {
-                let truncated = &path[..end];
+        }
+        // Prefix patterns: try the path's truncations at `/` boundaries, longest first
+        // (`/a/b/c`, `/a/b`, `/a`, then "" for the root prefix), looking up only the
+        // lengths some prefix pattern has.
+        let mut segments = segments;
+        let mut end = path.len();
+        while self.prefixes.holds_length_up_to(segments) {
+            let truncated = &path[..end];
+            if self.prefixes.holds_length(segments) {
                 if let Some(handler) =
                     self.prefixes
                         .lookup(&self.routes, truncated, &request, &mut verdict)
                 {
                     return RouteMatch::Found(handler);
                 }
-                if end == 0 {
-                    break;
-                }
-                end = truncated.rfind('/').unwrap_or(0);
             }
+            if segments == 0 {
+                break;
+            }
+            end = truncated.rfind('/').unwrap_or(0);
+            segments -= 1;
         }
         if verdict.method_not_allowed {
             RouteMatch::MethodNotAllowed
@@ -424,7 +543,7 @@ impl<H: Send + Sync> Router<H> for MuxRouter<H> {
 }
 
 /// `""` and `"*"` mean any method; anything else must be an HTTP token, kept upper case.
-fn normalise_method(pattern: &str, method: &str) -> Result<Option<Box<str>>, RouteError> {
+fn normalise_method(pattern: &str, method: &str) -> Result<Option<MethodName>, RouteError> {
     if method.is_empty() || method == "*" {
         return Ok(None);
     }
@@ -437,7 +556,7 @@ fn normalise_method(pattern: &str, method: &str) -> Result<Option<Box<str>>, Rou
             reason: format!("method {method:?} is not an HTTP method token"),
         });
     }
-    Ok(Some(method.to_ascii_uppercase().into()))
+    Ok(Some(MethodName::new(method.to_ascii_uppercase())))
 }
 
 /// `""` means any host; otherwise the host is kept lower case, without port or trailing dot.
@@ -458,20 +577,23 @@ fn normalise_host(pattern: &str, host: &str) -> Result<Option<Box<str>>, RouteEr
 /// Strips a `:port` (and a trailing dot) from a Host header value without allocating:
 /// `api.example.com:8080` -> `api.example.com`, `[::1]:80` -> `[::1]`.
 fn host_without_port(host: &str) -> &str {
-    let name = if host.starts_with('[') {
-        match host.find(']') {
-            Some(close) => &host[..=close],
-            None => host,
+    let bytes = host.as_bytes();
+    let digits = bytes
+        .iter()
+        .rev()
+        .take_while(|byte| byte.is_ascii_digit())
+        .count();
+    let colon = bytes.len() - digits;
+    let mut name = host;
+    if colon > 0 && bytes[colon - 1] == b':' {
+        let before = &host[..colon - 1];
+        // A bare IPv6 address ("::1") has colons of its own and no port.
+        if before.ends_with(']') || !before.contains(':') {
+            name = before;
         }
-    } else {
-        match host.rsplit_once(':') {
-            Some((name, port))
-                if !name.contains(':') && port.bytes().all(|b| b.is_ascii_digit()) =>
-            {
-                name
-            }
-            _ => host,
-        }
-    };
+    }
     name.strip_suffix('.').unwrap_or(name)
 }
+
+#[cfg(test)]
+mod tests;

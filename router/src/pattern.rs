@@ -2,7 +2,9 @@
 //! the router uses for duplicates, fallbacks and priority.
 
 use std::cmp::Ordering;
+use std::collections::HashMap;
 use std::fmt::Write as _;
+use std::sync::Arc;
 
 use regex::Regex;
 
@@ -17,8 +19,8 @@ pub(crate) enum Segment {
     Param {
         /// The name the operator gave, kept for diagnostics.
         name: Box<str>,
-        /// The compiled, anchored constraint.
-        regex: Option<Regex>,
+        /// The compiled, anchored constraint (shared by every pattern using the same one).
+        regex: Option<Arc<Regex>>,
         /// The constraint as written, used to compare patterns.
         source: Option<Box<str>>,
     },
@@ -46,8 +48,9 @@ pub(crate) struct Pattern {
 }
 
 impl Pattern {
-    /// Parses one of the supported forms; regexes are compiled here, once.
-    pub(crate) fn parse(text: &str) -> Result<Self, RouteError> {
+    /// Parses one of the supported forms; regexes are compiled here, once per distinct
+    /// constraint in `regexes`.
+    pub(crate) fn parse(text: &str, regexes: &mut Regexes) -> Result<Self, RouteError> {
         let invalid = |reason: &str| RouteError::InvalidPattern {
             pattern: text.to_owned(),
             reason: reason.to_owned(),
@@ -55,21 +58,17 @@ impl Pattern {
         let Some(body) = text.strip_prefix('/') else {
             return Err(invalid("a pattern must start with `/`"));
         };
-        let (body, prefix) = if body == "*" {
-            ("", true)
+        // `/*` is the root prefix (no fixed segment); `//*` has one empty fixed segment.
+        let (pieces, prefix): (Vec<&str>, bool) = if body == "*" {
+            (Vec::new(), true)
         } else if let Some(base) = body.strip_suffix("/*") {
-            (base, true)
+            (base.split('/').collect(), true)
         } else {
-            (body, false)
-        };
-        let pieces: Vec<&str> = if prefix && body.is_empty() {
-            Vec::new()
-        } else {
-            body.split('/').collect()
+            (body.split('/').collect(), false)
         };
         let mut segments = Vec::with_capacity(pieces.len());
         for piece in pieces {
-            segments.push(Self::parse_segment(text, piece)?);
+            segments.push(Self::parse_segment(text, piece, regexes)?);
         }
         let mut names: Vec<&str> = segments
             .iter()
@@ -89,7 +88,11 @@ impl Pattern {
         })
     }
 
-    fn parse_segment(text: &str, piece: &str) -> Result<Segment, RouteError> {
+    fn parse_segment(
+        text: &str,
+        piece: &str,
+        regexes: &mut Regexes,
+    ) -> Result<Segment, RouteError> {
         let invalid = |reason: String| RouteError::InvalidPattern {
             pattern: text.to_owned(),
             reason,
@@ -120,16 +123,17 @@ impl Pattern {
                 "segment {piece:?}: a parameter name must be non-empty ASCII letters, digits, `_` or `-`"
             )));
         }
-        let regex = match constraint {
-            None => None,
-            Some("") => return Err(invalid(format!("segment {piece:?}: empty constraint"))),
-            Some(constraint) => Some(Regex::new(&format!("^(?:{constraint})$")).map_err(
-                |source| RouteError::InvalidRegex {
-                    pattern: text.to_owned(),
-                    source,
-                },
-            )?),
-        };
+        let regex =
+            match constraint {
+                None => None,
+                Some("") => return Err(invalid(format!("segment {piece:?}: empty constraint"))),
+                Some(constraint) => Some(regexes.anchored(constraint).map_err(|source| {
+                    RouteError::InvalidRegex {
+                        pattern: text.to_owned(),
+                        source,
+                    }
+                })?),
+            };
         Ok(Segment::Param {
             name: name.into(),
             regex,
@@ -145,6 +149,13 @@ impl Pattern {
     /// Whether this is a prefix (`/*`) pattern.
     pub(crate) fn is_prefix(&self) -> bool {
         self.prefix
+    }
+
+    /// Whether any segment is a parameter.
+    pub(crate) fn has_params(&self) -> bool {
+        self.segments
+            .iter()
+            .any(|segment| matches!(segment, Segment::Param { .. }))
     }
 
     /// How many segments the fixed part has (what a looked-up path must have).
@@ -181,19 +192,22 @@ impl Pattern {
         key
     }
 
-    /// Whether the parameter values matchit captured (in order) satisfy the constraints.
-    pub(crate) fn constraints_hold<'v>(&self, mut values: impl Iterator<Item = &'v str>) -> bool {
-        for segment in &self.segments {
-            if let Segment::Param { regex, .. } = segment {
-                let Some(value) = values.next() else {
-                    return false;
-                };
-                if value.is_empty() || regex.as_ref().is_some_and(|regex| !regex.is_match(value)) {
-                    return false;
-                }
+    /// The regex constraints, by parameter position, for the lookup hot path.
+    pub(crate) fn constraints(&self) -> Constraints {
+        let mut constraints = Vec::new();
+        let params = self
+            .segments
+            .iter()
+            .filter(|segment| matches!(segment, Segment::Param { .. }));
+        for (position, segment) in params.enumerate() {
+            if let Segment::Param {
+                regex: Some(regex), ..
+            } = segment
+            {
+                constraints.push((position, Arc::clone(regex)));
             }
         }
-        true
+        Constraints(constraints.into())
     }
 
     /// Whether `path` (a full path, or a truncation of one for prefix patterns) has exactly
@@ -267,14 +281,70 @@ impl Pattern {
     }
 }
 
+/// Compiled constraints by their source text. Sharing one `Regex` (rather than clones,
+/// which each get a fresh cache pool) keeps thousands of `{id:[0-9]+}` routes to one
+/// compiled program and one set of search caches.
+#[derive(Debug, Default)]
+pub(crate) struct Regexes(HashMap<Box<str>, Arc<Regex>>);
+
+impl Regexes {
+    /// The constraint compiled to match a whole segment: `^(?:constraint)$`.
+    fn anchored(&mut self, constraint: &str) -> Result<Arc<Regex>, regex::Error> {
+        if let Some(regex) = self.0.get(constraint) {
+            return Ok(Arc::clone(regex));
+        }
+        let regex = Arc::new(Regex::new(&format!("^(?:{constraint})$"))?);
+        self.0.insert(constraint.into(), Arc::clone(&regex));
+        Ok(regex)
+    }
+}
+
+/// A pattern's regex constraints keyed by parameter position.
+#[derive(Debug, Default)]
+pub(crate) struct Constraints(Box<[(usize, Arc<Regex>)]>);
+
+impl Constraints {
+    /// Whether the parameter values matchit captured, in order, satisfy every constraint.
+    pub(crate) fn hold<'v>(&self, mut values: impl Iterator<Item = &'v str>) -> bool {
+        let mut next = 0;
+        for (position, regex) in &self.0 {
+            let Some(value) = values.nth(position - next) else {
+                return false;
+            };
+            next = position + 1;
+            if !regex.is_match(value) {
+                return false;
+            }
+        }
+        true
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    fn parse(text: &str) -> Result<Pattern, RouteError> {
+        Pattern::parse(text, &mut Regexes::default())
+    }
+
+    #[test]
+    fn equal_constraints_share_one_regex() {
+        let mut regexes = Regexes::default();
+        let a = Pattern::parse("/a/{id:[0-9]+}", &mut regexes).expect("valid");
+        let b = Pattern::parse("/b/{n:[0-9]+}", &mut regexes).expect("valid");
+        let (Segment::Param { regex: Some(a), .. }, Segment::Param { regex: Some(b), .. }) =
+            (&a.segments[1], &b.segments[1])
+        else {
+            panic!("constrained parameters expected");
+        };
+        assert!(Arc::ptr_eq(a, b));
+    }
+
     #[test]
     fn keys_normalise_parameter_names() {
-        let a = Pattern::parse("/x/{id:[0-9]+}/y").expect("valid");
-        let b = Pattern::parse("/x/{name}/y").expect("valid");
+        let a = parse("/x/{id:[0-9]+}/y").expect("valid");
+        let b = parse("/x/{name}/y").expect("valid");
         assert_eq!(a.key(), "/x/{p0}/y");
         assert_eq!(a.key(), b.key());
         assert!(!a.same_as(&b));
@@ -283,10 +353,10 @@ mod tests {
 
     #[test]
     fn prefix_keys_are_the_fixed_part() {
-        let root = Pattern::parse("/*").expect("valid");
+        let root = parse("/*").expect("valid");
         assert!(root.is_prefix());
         assert_eq!(root.key(), "");
-        let api = Pattern::parse("/api/{v}/*").expect("valid");
+        let api = parse("/api/{v}/*").expect("valid");
         assert!(api.is_prefix());
         assert_eq!(api.key(), "/api/{p0}");
         assert_eq!(api.len(), 2);
@@ -294,27 +364,32 @@ mod tests {
 
     #[test]
     fn root_and_trailing_slash_are_segments() {
-        let root = Pattern::parse("/").expect("valid");
+        let root = parse("/").expect("valid");
         assert_eq!(root.key(), "/");
         assert!(root.matches_exactly("/"));
-        let slash = Pattern::parse("/a/").expect("valid");
+        let slash = parse("/a/").expect("valid");
         assert!(slash.matches_exactly("/a/"));
         assert!(!slash.matches_exactly("/a"));
     }
 
     #[test]
     fn constraints_are_anchored() {
-        let p = Pattern::parse("/e/{name:[a-z]+}").expect("valid");
+        let p = parse("/e/{name:[a-z]+}").expect("valid");
         assert!(p.matches_exactly("/e/abc"));
         assert!(!p.matches_exactly("/e/abc1"));
         assert!(!p.matches_exactly("/e/1abc"));
-        assert!(p.constraints_hold(["abc"].into_iter()));
-        assert!(!p.constraints_hold(["abc1"].into_iter()));
+        assert!(p.constraints().hold(["abc"].into_iter()));
+        assert!(!p.constraints().hold(["abc1"].into_iter()));
+        let two = parse("/{a}/{b:[0-9]+}/{c}/{d:x}").expect("valid");
+        assert!(two.constraints().hold(["q", "12", "r", "x"].into_iter()));
+        assert!(!two.constraints().hold(["q", "12", "r", "y"].into_iter()));
+        assert!(!two.constraints().hold(["12", "q", "r", "x"].into_iter()));
+        assert!(!two.constraints().hold(["q", "12"].into_iter()));
     }
 
     #[test]
     fn alternation_is_anchored_as_a_whole() {
-        let p = Pattern::parse("/e/{v:v1|v2}").expect("valid");
+        let p = parse("/e/{v:v1|v2}").expect("valid");
         assert!(p.matches_exactly("/e/v1"));
         assert!(!p.matches_exactly("/e/v1x"));
         assert!(!p.matches_exactly("/e/xv2"));
@@ -322,7 +397,7 @@ mod tests {
 
     #[test]
     fn braces_inside_constraints_parse() {
-        let p = Pattern::parse("/e/{id:[0-9]{3}}").expect("valid");
+        let p = parse("/e/{id:[0-9]{3}}").expect("valid");
         assert!(p.matches_exactly("/e/123"));
         assert!(!p.matches_exactly("/e/1234"));
     }
@@ -341,22 +416,22 @@ mod tests {
             "/a/{id",
         ] {
             assert!(
-                matches!(Pattern::parse(bad), Err(RouteError::InvalidPattern { .. })),
+                matches!(parse(bad), Err(RouteError::InvalidPattern { .. })),
                 "{bad:?} should be rejected"
             );
         }
         assert!(matches!(
-            Pattern::parse("/a/{id:[0-9}"),
+            parse("/a/{id:[0-9}"),
             Err(RouteError::InvalidRegex { .. })
         ));
     }
 
     #[test]
     fn static_beats_parameter_from_the_left() {
-        let exact = Pattern::parse("/x/abc").expect("valid");
-        let param = Pattern::parse("/x/{id}").expect("valid");
-        let left = Pattern::parse("/{a}/y").expect("valid");
-        let right = Pattern::parse("/x/{b}").expect("valid");
+        let exact = parse("/x/abc").expect("valid");
+        let param = parse("/x/{id}").expect("valid");
+        let left = parse("/{a}/y").expect("valid");
+        let right = parse("/x/{b}").expect("valid");
         assert_eq!(exact.priority_cmp(&param), Ordering::Less);
         assert_eq!(param.priority_cmp(&exact), Ordering::Greater);
         assert_eq!(right.priority_cmp(&left), Ordering::Less);

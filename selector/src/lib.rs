@@ -47,6 +47,50 @@ pub struct Node {
     pub version: String,
     /// Instance metadata, from the registry or the backend config.
     pub metadata: BTreeMap<String, String>,
+    /// Where the transport caches its parsed form of `address` (set once per node; not
+    /// part of the node's identity, not copied by `clone`).
+    pub transport: TransportCache,
+}
+
+/// A write-once slot a transport uses to keep per-node data (for HTTP, the parsed
+/// authority), so the request path does not parse the address on every pick. The selector
+/// never looks inside.
+#[derive(Default)]
+pub struct TransportCache(std::sync::OnceLock<Box<dyn std::any::Any + Send + Sync>>);
+
+impl TransportCache {
+    /// The cached value of type `T`, computing it with `init` the first time.
+    /// Returns None if another type was cached first (a bug in the caller), or `init` fails.
+    pub fn get_or_try_init<T: Send + Sync + 'static>(
+        &self,
+        init: impl FnOnce() -> Option<T>,
+    ) -> Option<&T> {
+        if let Some(value) = self.0.get() {
+            return value.downcast_ref();
+        }
+        let value = init()?;
+        self.0.get_or_init(|| Box::new(value)).downcast_ref()
+    }
+}
+
+impl Clone for TransportCache {
+    fn clone(&self) -> Self {
+        TransportCache::default()
+    }
+}
+
+impl PartialEq for TransportCache {
+    fn eq(&self, _other: &Self) -> bool {
+        true
+    }
+}
+
+impl Eq for TransportCache {}
+
+impl std::fmt::Debug for TransportCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("TransportCache")
+    }
 }
 
 impl Node {
