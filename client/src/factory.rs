@@ -257,12 +257,13 @@ impl Inner {
         if let Some(options) = options {
             options.backend.set(node.clone());
         }
-        if !req.headers().contains_key(HOST) {
-            if let Some(authority) = req.uri().authority() {
-                if let Ok(value) = HeaderValue::from_str(authority.as_str()) {
-                    req.headers_mut().insert(HOST, value);
-                }
-            }
+        // An HTTP/2 request carries its host in the URI (`:authority`); keep it as `Host`
+        // before the URI is re-addressed. (Origin-form HTTP/1.1 URIs have no authority.)
+        if let Some(authority) = req.uri().authority()
+            && !req.headers().contains_key(HOST)
+            && let Ok(value) = HeaderValue::from_str(authority.as_str())
+        {
+            req.headers_mut().insert(HOST, value);
         }
         // Re-address the request, keeping its path and query (no copy of them).
         let mut parts = std::mem::take(req.uri_mut()).into_parts();

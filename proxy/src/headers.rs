@@ -4,7 +4,8 @@ use std::net::IpAddr;
 
 use http::header::{CONNECTION, HeaderMap, HeaderName, HeaderValue, TE, UPGRADE};
 
-static HOP_BY_HOP: [HeaderName; 8] = [
+/// Hop-by-hop headers (RFC 9110 §7.6.1 plus the legacy `Keep-Alive`/`Proxy-Connection`).
+static HOP_BY_HOP: [HeaderName; 9] = [
     CONNECTION,
     HeaderName::from_static("keep-alive"),
     HeaderName::from_static("proxy-connection"),
@@ -13,55 +14,68 @@ static HOP_BY_HOP: [HeaderName; 8] = [
     TE,
     http::header::TRAILER,
     http::header::TRANSFER_ENCODING,
+    UPGRADE,
 ];
 
 /// Removes hop-by-hop headers and every header named in `Connection` (RFC 9110 §7.6.1).
 /// `TE: trailers` survives when `keep_te_trailers` (gRPC needs it end to end).
 pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap, keep_te_trailers: bool) {
-    // Most messages carry none of these: one pass over the names decides, and only then
-    // are lookups and removals paid for.
-    let present = headers.keys().any(is_hop_by_hop);
-    if !present {
+    // One pass over the names finds which hop-by-hop headers are present (usually none,
+    // or just `Connection: keep-alive`); only those are looked up and removed.
+    let mut present = 0u16;
+    for name in headers.keys() {
+        if let Some(i) = hop_by_hop_index(name) {
+            present |= 1 << i;
+        }
+    }
+    if present == 0 {
         return;
     }
     let te_trailers = keep_te_trailers
+        && present & (1 << TE_INDEX) != 0
         && headers
             .get(TE)
             .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
-    if headers.contains_key(CONNECTION) {
-        let named: Vec<HeaderName> = headers
+    if present & 1 != 0 {
+        let listed: Vec<HeaderName> = headers
             .get_all(CONNECTION)
             .iter()
             .filter_map(|v| v.to_str().ok())
             .flat_map(|v| v.split(','))
-            .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+            .map(str::trim)
+            .filter(|name| !name.is_empty())
+            .filter_map(|name| HeaderName::from_bytes(name.as_bytes()).ok())
+            .filter(|name| hop_by_hop_index(name).is_none())
             .collect();
-        for name in named {
+        for name in listed {
             headers.remove(name);
         }
     }
-    for name in &HOP_BY_HOP {
-        headers.remove(name);
+    for (i, name) in HOP_BY_HOP.iter().enumerate() {
+        if present & (1 << i) != 0 {
+            headers.remove(name);
+        }
     }
-    headers.remove(UPGRADE);
     if te_trailers {
         headers.insert(TE, HeaderValue::from_static("trailers"));
     }
 }
 
-fn is_hop_by_hop(name: &HeaderName) -> bool {
-    matches!(
-        name.as_str(),
-        "connection"
-            | "keep-alive"
-            | "proxy-connection"
-            | "proxy-authenticate"
-            | "proxy-authorization"
-            | "te"
-            | "trailer"
-            | "transfer-encoding"
-            | "upgrade"
-    )
+const TE_INDEX: usize = 5;
+
+fn hop_by_hop_index(name: &HeaderName) -> Option<usize> {
+    Some(match name.as_str() {
+        "connection" => 0,
+        "keep-alive" => 1,
+        "proxy-connection" => 2,
+        "proxy-authenticate" => 3,
+        "proxy-authorization" => 4,
+        "te" => TE_INDEX,
+        "trailer" => 6,
+        "transfer-encoding" => 7,
+        "upgrade" => 8,
+        _ => return None,
+    })
 }
 
 /// Appends the peer's address to `X-Forwarded-For` (one combined header).

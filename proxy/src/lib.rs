@@ -80,6 +80,8 @@ pub struct RouteInfo {
 struct RouterState {
     router: MuxRouter<Arc<EndpointHandler>>,
     routes: Vec<RouteInfo>,
+    /// Whether any route is bound to a host.
+    any_host: bool,
 }
 
 /// The gateway's request handler.
@@ -98,6 +100,7 @@ impl Proxy {
             state: ArcSwap::from_pointee(RouterState {
                 router: MuxRouter::new(),
                 routes: vec![],
+                any_host: false,
             }),
             clients,
             middlewares,
@@ -127,6 +130,29 @@ impl Proxy {
     pub fn update(&self, config: &configs::Gateway) -> Result<(), UpdateError> {
         let mut router = MuxRouter::new();
         let mut routes = Vec::with_capacity(config.endpoints.len());
+        if let Err(err) = self.build_routes(config, &mut router, &mut routes) {
+            // Release what the endpoints built so far hold (watcher subscriptions,
+            // middleware tasks); nothing was served through this router.
+            spawn_close(async move { router.sync_close(Duration::ZERO).await });
+            return Err(err);
+        }
+        let any_host = routes.iter().any(|route| !route.host.is_empty());
+        let old = self.state.swap(Arc::new(RouterState {
+            router,
+            routes,
+            any_host,
+        }));
+        let grace = self.close_grace;
+        spawn_close(async move { old.router.sync_close(grace).await });
+        Ok(())
+    }
+
+    fn build_routes(
+        &self,
+        config: &configs::Gateway,
+        router: &mut MuxRouter<Arc<EndpointHandler>>,
+        routes: &mut Vec<RouteInfo>,
+    ) -> Result<(), UpdateError> {
         for endpoint in &config.endpoints {
             let name = endpoint_name(endpoint);
             let handler = self.build_endpoint(config, endpoint, &name)?;
@@ -147,21 +173,9 @@ impl Proxy {
                 path: endpoint.path.clone(),
                 method: endpoint.method.clone(),
                 host: endpoint.host.clone(),
-                protocol: match endpoint.protocol {
-                    configs::Protocol::Grpc => "GRPC".into(),
-                    configs::Protocol::Http => "HTTP".into(),
-                },
+                protocol: endpoint.protocol.as_str().into(),
                 backends: endpoint.backends.iter().map(|b| b.target.clone()).collect(),
             });
-        }
-        let old = self.state.swap(Arc::new(RouterState { router, routes }));
-        let grace = self.close_grace;
-        let close = async move { old.router.sync_close(grace).await };
-        match tokio::runtime::Handle::try_current() {
-            Ok(runtime) => {
-                runtime.spawn(close);
-            }
-            Err(_) => tracing::warn!("no runtime: the replaced router was not closed"),
         }
         Ok(())
     }
@@ -228,15 +242,29 @@ impl Proxy {
         B::Error: Into<BoxError>,
     {
         let state = self.state.load_full();
-        let host = request_host(&req);
-        let handler = match state
-            .router
-            .route(req.method().as_str(), host, req.uri().path())
-        {
+        // The Host header is only looked at when some route is bound to a host.
+        let host = if state.any_host {
+            request_host(&req)
+        } else {
+            ""
+        };
+        let path = req.uri().path();
+        if has_dot_segment(path) {
+            return plain(
+                StatusCode::BAD_REQUEST,
+                "400 bad request: dot segment in path\n",
+            );
+        }
+        let handler = match state.router.route(req.method().as_str(), host, path) {
             RouteMatch::Found(handler) => handler.clone(),
             RouteMatch::NotFound => return plain(StatusCode::NOT_FOUND, "404 page not found\n"),
             RouteMatch::MethodNotAllowed => {
-                return plain(StatusCode::METHOD_NOT_ALLOWED, "405 method not allowed\n");
+                match preflight_method(&req).map(|method| state.router.route(method, host, path)) {
+                    // A CORS preflight goes to the endpoint of the method it asks about, whose
+                    // cors middleware answers it.
+                    Some(RouteMatch::Found(handler)) => handler.clone(),
+                    _ => return plain(StatusCode::METHOD_NOT_ALLOWED, "405 method not allowed\n"),
+                }
             }
         };
         let _in_flight = state.router.enter();
@@ -261,6 +289,28 @@ impl Proxy {
     }
 }
 
+/// Runs a router's close in the background (it may wait for in-flight requests).
+fn spawn_close(close: impl std::future::Future<Output = ()> + Send + 'static) {
+    match tokio::runtime::Handle::try_current() {
+        Ok(runtime) => {
+            runtime.spawn(close);
+        }
+        Err(_) => tracing::warn!("no runtime: a replaced router was not closed"),
+    }
+}
+
+/// Whether a path has a `.` or `..` segment (also percent-encoded). Such paths would route
+/// by one prefix and reach an upstream that resolves them to another, so they are refused.
+fn has_dot_segment(path: &str) -> bool {
+    if !path.contains('.') && !path.contains('%') {
+        return false;
+    }
+    path.split('/').any(|segment| {
+        let decoded = segment.to_ascii_lowercase().replace("%2e", ".");
+        decoded == "." || decoded == ".."
+    })
+}
+
 fn endpoint_name(endpoint: &configs::Endpoint) -> String {
     let method = if endpoint.method.is_empty() {
         "*"
@@ -268,6 +318,16 @@ fn endpoint_name(endpoint: &configs::Endpoint) -> String {
         &endpoint.method
     };
     format!("{method} {}{}", endpoint.host, endpoint.path)
+}
+
+/// The method a CORS preflight (`OPTIONS` with `Access-Control-Request-Method`) asks about.
+fn preflight_method<B>(req: &Request<B>) -> Option<&str> {
+    if req.method() != http::Method::OPTIONS {
+        return None;
+    }
+    req.headers()
+        .get(http::header::ACCESS_CONTROL_REQUEST_METHOD)
+        .and_then(|v| v.to_str().ok())
 }
 
 fn request_host<B>(req: &Request<B>) -> &str {

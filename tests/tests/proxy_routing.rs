@@ -95,3 +95,67 @@ async fn path_forms_methods_and_hosts() {
         "Host is passed through"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dot_segments_are_refused() {
+    let upstream = Upstream::named("u").await;
+    let gw = TestGateway::start(&format!(
+        "name: t\nendpoints:\n{}",
+        endpoint("/public/*", "GET", "", &upstream.target())
+    ))
+    .await;
+    for path in [
+        "/public/../admin",
+        "/public/./x",
+        "/public/%2e%2e/admin",
+        "/public/.%2E/admin",
+    ] {
+        let reply = get(&gw.url(path)).await;
+        assert_eq!(reply.status, 400, "{path}");
+    }
+    assert_eq!(upstream.hits(), 0);
+    assert_eq!(
+        get(&gw.url("/public/a.b/..c")).await.status,
+        200,
+        "dots inside names are fine"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cors_preflight_reaches_the_endpoint_of_the_requested_method() {
+    let upstream = Upstream::named("u").await;
+    let gw = TestGateway::start(&format!(
+        "name: t\nendpoints:\n  - path: /api/items\n    method: GET\n    middlewares:\n      - name: cors\n        options: {{allowOrigins: [\"https://app.example.com\"]}}\n    backends:\n      - target: {}\n",
+        upstream.target()
+    ))
+    .await;
+    let preflight = send(
+        http::Request::builder()
+            .method("OPTIONS")
+            .uri(gw.url("/api/items"))
+            .header("origin", "https://app.example.com")
+            .header("access-control-request-method", "GET")
+            .body(Default::default())
+            .unwrap(),
+    )
+    .await;
+    assert!(
+        preflight.status == 204 || preflight.status == 200,
+        "{preflight:?}"
+    );
+    assert_eq!(
+        preflight.header("access-control-allow-origin"),
+        "https://app.example.com"
+    );
+    assert_eq!(upstream.hits(), 0, "answered by the gateway");
+    // A plain OPTIONS (not a preflight) is still 405 on a GET-only endpoint.
+    let plain = send(
+        http::Request::builder()
+            .method("OPTIONS")
+            .uri(gw.url("/api/items"))
+            .body(Default::default())
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(plain.status, 405);
+}
