@@ -110,7 +110,9 @@ impl EndpointHandler {
     pub async fn serve(&self, req: Request<Body>, remote: SocketAddr) -> Response<Body> {
         self.in_flight.inc();
         let _in_flight = GaugeGuard(&self.in_flight);
-        self.retry.budget().deposit();
+        if self.retry.attempts > 1 {
+            self.retry.budget().deposit();
+        }
         let (parts, body) = req.into_parts();
         let mut record = Record {
             handler: self,

@@ -82,7 +82,7 @@ fn hop_by_hop_index(name: &HeaderName) -> Option<usize> {
 pub(crate) fn append_forwarded_for(headers: &mut HeaderMap, peer: IpAddr) {
     static XFF: HeaderName = HeaderName::from_static("x-forwarded-for");
     if !headers.contains_key(&XFF) {
-        headers.insert(&XFF, ip_value(peer));
+        headers.insert(&XFF, cached_ip_value(peer));
         return;
     }
     let peer = peer.to_string();
@@ -109,6 +109,27 @@ pub(crate) fn append_forwarded_for(headers: &mut HeaderMap, peer: IpAddr) {
     if let Ok(value) = HeaderValue::from_str(&value) {
         headers.insert(&XFF, value);
     }
+}
+
+thread_local! {
+    /// The last peer address formatted on this thread: keep-alive connections send many
+    /// requests from one address, so most requests reuse it (a reference-count bump).
+    static LAST_PEER: std::cell::RefCell<Option<(IpAddr, HeaderValue)>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+fn cached_ip_value(peer: IpAddr) -> HeaderValue {
+    LAST_PEER.with(|last| {
+        let mut last = last.borrow_mut();
+        if let Some((ip, value)) = last.as_ref()
+            && *ip == peer
+        {
+            return value.clone();
+        }
+        let value = ip_value(peer);
+        *last = Some((peer, value.clone()));
+        value
+    })
 }
 
 /// The peer address as a header value; IPv4 without the formatting machinery (it runs on
