@@ -7,7 +7,7 @@
 use std::{convert::Infallible, net::SocketAddr, time::Duration};
 
 use bytes::Bytes;
-use clap::Parser;
+use clap::{ArgGroup, Parser};
 use http::{Request, Response, StatusCode, Uri, uri::Authority};
 use http_body_util::{Either, Full};
 use hyper::{body::Incoming, server::conn::http1, service::service_fn};
@@ -17,10 +17,11 @@ use hyper_util::{
 };
 
 type Body = Either<Incoming, Full<Bytes>>;
+type Pool = Client<HttpConnector, Incoming>;
 
 /// Command line of the floor proxy.
 #[derive(Parser)]
-#[command(group(clap::ArgGroup::new("mode").required(true).args(["upstream", "origin_sleep_ms"])))]
+#[command(group(ArgGroup::new("mode").required(true).args(["upstream", "origin_sleep_ms"])))]
 struct Args {
     /// Address to listen on, e.g. 127.0.0.1:8080.
     #[arg(long)]
@@ -36,33 +37,18 @@ struct Args {
     workers: Option<usize>,
 }
 
-async fn handle(
-    args: &Args,
-    client: &Client<HttpConnector, Incoming>,
-    req: Request<Incoming>,
-) -> Response<Body> {
-    match &args.upstream {
-        Some(upstream) => forward(upstream, client, req).await,
-        None => {
-            tokio::time::sleep(Duration::from_millis(args.origin_sleep_ms.unwrap_or(0))).await;
-            Response::new(Either::Right(Full::from("hello")))
-        }
-    }
-}
-
-async fn forward(
-    upstream: &Authority,
-    client: &Client<HttpConnector, Incoming>,
-    mut req: Request<Incoming>,
-) -> Response<Body> {
+async fn handle(args: &Args, pool: &Pool, mut req: Request<Incoming>) -> Response<Body> {
+    let Some(upstream) = &args.upstream else {
+        tokio::time::sleep(Duration::from_millis(args.origin_sleep_ms.unwrap_or(0))).await;
+        return Response::new(Either::Right(Full::from("hello")));
+    };
     let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
     let uri = Uri::builder()
         .scheme("http")
         .authority(upstream.clone())
-        .path_and_query(path)
-        .build();
-    *req.uri_mut() = uri.unwrap_or_default();
-    match client.request(req).await {
+        .path_and_query(path);
+    *req.uri_mut() = uri.build().unwrap_or_default();
+    match pool.request(req).await {
         Ok(response) => response.map(Either::Left),
         Err(_) => {
             let mut response = Response::new(Either::Right(Full::default()));
@@ -76,21 +62,17 @@ async fn serve(args: &'static Args) -> std::io::Result<()> {
     let listener = tokio::net::TcpListener::bind(args.listen).await?;
     let mut connector = HttpConnector::new();
     connector.set_nodelay(true);
-    let client = Client::builder(TokioExecutor::new()).build(connector);
+    let pool: Pool = Client::builder(TokioExecutor::new()).build(connector);
     loop {
-        let stream = match listener.accept().await {
-            Ok((stream, _)) => stream,
-            Err(error) => {
-                eprintln!("bench-floor: accept: {error}");
-                tokio::time::sleep(Duration::from_millis(10)).await;
-                continue;
-            }
+        let Ok((stream, _)) = listener.accept().await else {
+            tokio::time::sleep(Duration::from_millis(10)).await; // out of file descriptors
+            continue;
         };
-        stream.set_nodelay(true)?;
-        let client = client.clone();
+        let _ = stream.set_nodelay(true);
+        let pool = pool.clone();
         let service = service_fn(move |req| {
-            let client = client.clone();
-            async move { Ok::<_, Infallible>(handle(args, &client, req).await) }
+            let pool = pool.clone();
+            async move { Ok::<_, Infallible>(handle(args, &pool, req).await) }
         });
         tokio::spawn(http1::Builder::new().serve_connection(TokioIo::new(stream), service));
     }
@@ -98,14 +80,13 @@ async fn serve(args: &'static Args) -> std::io::Result<()> {
 
 fn main() -> std::io::Result<()> {
     let args: &'static Args = Box::leak(Box::new(Args::parse()));
-    let runtime = match args.workers {
-        Some(workers) => tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(workers)
-            .enable_all()
-            .build()?,
-        None => tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()?,
+    let mut runtime = match args.workers {
+        Some(workers) => {
+            let mut builder = tokio::runtime::Builder::new_multi_thread();
+            builder.worker_threads(workers);
+            builder
+        }
+        None => tokio::runtime::Builder::new_current_thread(),
     };
-    runtime.block_on(serve(args))
+    runtime.enable_all().build()?.block_on(serve(args))
 }

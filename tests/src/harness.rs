@@ -45,7 +45,9 @@ impl Upstream {
         F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
         Fut: Future<Output = Response<UpstreamBody>> + Send + 'static,
     {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind upstream");
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind upstream");
         let addr = listener.local_addr().expect("local addr");
         let hits = Arc::new(AtomicUsize::new(0));
         let shutdown = CancellationToken::new();
@@ -75,7 +77,11 @@ impl Upstream {
                 });
             }
         });
-        Upstream { addr, hits, shutdown }
+        Upstream {
+            addr,
+            hits,
+            shutdown,
+        }
     }
 
     /// An upstream answering 200 with body `name` and header `x-upstream: name`; it also
@@ -86,11 +92,18 @@ impl Upstream {
             let name = name.clone();
             async move {
                 let seen = |h: &str| {
-                    req.headers().get(h).and_then(|v| v.to_str().ok()).unwrap_or("").to_string()
+                    req.headers()
+                        .get(h)
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or("")
+                        .to_string()
                 };
                 Response::builder()
                     .header("x-upstream", &name)
-                    .header("x-seen-path", req.uri().path_and_query().map_or("", |p| p.as_str()))
+                    .header(
+                        "x-seen-path",
+                        req.uri().path_and_query().map_or("", |p| p.as_str()),
+                    )
                     .header("x-seen-host", seen("host"))
                     .header("x-seen-xff", seen("x-forwarded-for"))
                     .body(text(name))
@@ -225,7 +238,10 @@ pub struct Reply {
 impl Reply {
     /// A header's value as text ("" when absent).
     pub fn header(&self, name: &str) -> &str {
-        self.headers.get(name).and_then(|v| v.to_str().ok()).unwrap_or("")
+        self.headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
     }
 }
 
@@ -243,7 +259,11 @@ pub async fn send(req: Request<Full<Bytes>>) -> Reply {
         .expect("request sent");
     let (parts, body) = response.into_parts();
     let body = body.collect().await.expect("body read").to_bytes();
-    Reply { status: parts.status.as_u16(), headers: parts.headers, body: String::from_utf8_lossy(&body).into_owned() }
+    Reply {
+        status: parts.status.as_u16(),
+        headers: parts.headers,
+        body: String::from_utf8_lossy(&body).into_owned(),
+    }
 }
 
 /// GET `url`.

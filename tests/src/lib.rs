@@ -1,4 +1,4 @@
 //! Shared helpers for the end-to-end tests.
+pub mod consul;
 pub mod etcd;
 pub mod harness;
-pub mod consul;

@@ -492,3 +492,32 @@ async fn request_bodies_are_replayed_on_retry() {
     }
     assert!(failing.hits() >= 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_endpoints_speak_h2c_to_the_upstream() {
+    let upstream = Upstream::start(|req: Request<Incoming>| async move {
+        let version = format!("{:?}", req.version());
+        let te = req.headers().get("te").and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
+        Response::builder()
+            .header("content-type", "application/grpc")
+            .header("x-seen-version", version)
+            .header("x-seen-te", te)
+            .header("grpc-status", "0")
+            .body(text(""))
+            .unwrap()
+    })
+    .await;
+    let gw = TestGateway::start(&single("/helloworld.Greeter/*", &upstream.target(), "    protocol: GRPC\n")).await;
+    let reply = send(
+        Request::post(gw.url("/helloworld.Greeter/SayHello"))
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .body(Full::new(Bytes::from_static(b"\0\0\0\0\0")))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(reply.status, 200, "{reply:?}");
+    assert_eq!(reply.header("x-seen-version"), "HTTP/2.0", "h2c to the upstream");
+    assert_eq!(reply.header("x-seen-te"), "trailers", "gRPC's TE: trailers survives");
+    assert_eq!(reply.header("grpc-status"), "0");
+}
