@@ -35,6 +35,9 @@ pub struct EndpointHandler {
     retry: RetryPolicy,
     metrics: EndpointMetrics,
     in_flight: prometheus::IntGauge,
+    /// A `logging` middleware writes a line per attempt; the handler's own per-request
+    /// access line would repeat it, so it is left out then.
+    logging_middleware: bool,
 }
 
 struct Head {
@@ -69,6 +72,7 @@ impl EndpointHandler {
         middlewares: Vec<Middleware>,
         metrics: &Metrics,
     ) -> Self {
+        let logging_middleware = middlewares.iter().any(|m| m.name() == "logging");
         let tripper = (!middlewares.is_empty()).then(|| {
             let mut tripper: RoundTripper = BoxCloneSyncService::new(client.clone());
             for middleware in middlewares.iter().rev() {
@@ -77,6 +81,7 @@ impl EndpointHandler {
             tripper
         });
         Self {
+            logging_middleware,
             metrics: metrics.endpoint(&info),
             in_flight: metrics.in_flight.clone(),
             info,
@@ -118,8 +123,9 @@ impl EndpointHandler {
             handler: self,
             start: Instant::now(),
             method: parts.method.clone(),
-            uri: tracing::enabled!(target: "access", tracing::Level::INFO)
-                .then(|| parts.uri.clone()),
+            uri: (!self.logging_middleware
+                && tracing::enabled!(target: "access", tracing::Level::INFO))
+            .then(|| parts.uri.clone()),
             options: RequestOptions::new(self.info.clone(), Some(remote)),
             finished: false,
         };
