@@ -113,9 +113,15 @@ pub async fn run(
     let reload_proxy = proxy.clone();
     let reload_current = current.clone();
     let reloads = loader.watch(cli.reload_interval, shutdown.clone(), move |loaded| {
+        let started = std::time::Instant::now();
         reload_proxy.update(&loaded.gateway).map_err(|err| err.to_string())?;
         reload_current.store(Arc::new(loaded.gateway.clone()));
-        tracing::info!(sha256 = %loaded.sha256, endpoints = loaded.gateway.endpoints.len(), "config applied");
+        tracing::info!(
+            sha256 = %loaded.sha256,
+            endpoints = loaded.gateway.endpoints.len(),
+            build_ms = started.elapsed().as_secs_f64() * 1000.0,
+            "config applied"
+        );
         Ok(())
     });
     let debug = cli.debug.then(|| {

@@ -497,7 +497,12 @@ async fn request_bodies_are_replayed_on_retry() {
 async fn grpc_endpoints_speak_h2c_to_the_upstream() {
     let upstream = Upstream::start(|req: Request<Incoming>| async move {
         let version = format!("{:?}", req.version());
-        let te = req.headers().get("te").and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
+        let te = req
+            .headers()
+            .get("te")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_string();
         Response::builder()
             .header("content-type", "application/grpc")
             .header("x-seen-version", version)
@@ -507,7 +512,12 @@ async fn grpc_endpoints_speak_h2c_to_the_upstream() {
             .unwrap()
     })
     .await;
-    let gw = TestGateway::start(&single("/helloworld.Greeter/*", &upstream.target(), "    protocol: GRPC\n")).await;
+    let gw = TestGateway::start(&single(
+        "/helloworld.Greeter/*",
+        &upstream.target(),
+        "    protocol: GRPC\n",
+    ))
+    .await;
     let reply = send(
         Request::post(gw.url("/helloworld.Greeter/SayHello"))
             .header("content-type", "application/grpc")
@@ -517,7 +527,15 @@ async fn grpc_endpoints_speak_h2c_to_the_upstream() {
     )
     .await;
     assert_eq!(reply.status, 200, "{reply:?}");
-    assert_eq!(reply.header("x-seen-version"), "HTTP/2.0", "h2c to the upstream");
-    assert_eq!(reply.header("x-seen-te"), "trailers", "gRPC's TE: trailers survives");
+    assert_eq!(
+        reply.header("x-seen-version"),
+        "HTTP/2.0",
+        "h2c to the upstream"
+    );
+    assert_eq!(
+        reply.header("x-seen-te"),
+        "trailers",
+        "gRPC's TE: trailers survives"
+    );
     assert_eq!(reply.header("grpc-status"), "0");
 }
