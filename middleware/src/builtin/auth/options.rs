@@ -1,13 +1,11 @@
 //! Options of `auth`.
 
 use std::collections::BTreeMap;
-use std::fmt;
 use std::time::Duration;
 
 use serde::Deserialize;
-use serde::de::{self, Deserializer};
 
-use super::super::support::duration;
+use super::super::support::{duration, one_or_many};
 
 /// Options of `auth`: `jwt`, `apikey`, or both (then either credential lets a request in).
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -132,30 +130,4 @@ impl Default for ApiKeyOptions {
             strip_credential: true,
         }
     }
-}
-
-fn one_or_many<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Vec<String>, D::Error> {
-    struct OneOrMany;
-
-    impl<'de> de::Visitor<'de> for OneOrMany {
-        type Value = Vec<String>;
-
-        fn expecting(&self, formatter: &mut fmt::Formatter) -> fmt::Result {
-            formatter.write_str("a string or a list of strings")
-        }
-
-        fn visit_str<E: de::Error>(self, value: &str) -> Result<Self::Value, E> {
-            Ok(vec![value.to_owned()])
-        }
-
-        fn visit_seq<A: de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
-            let mut values = Vec::new();
-            while let Some(value) = seq.next_element::<String>()? {
-                values.push(value);
-            }
-            Ok(values)
-        }
-    }
-
-    deserializer.deserialize_any(OneOrMany)
 }

@@ -1,13 +1,12 @@
 //! Options of `circuitbreaker`, in the shape of Kratos'
 //! `gateway.middleware.circuitbreaker.v1.CircuitBreaker` plus the `errorThreshold` trigger.
 
-use std::fmt;
 use std::time::Duration;
 
 use serde::Deserialize;
-use serde::de::{self, Deserializer};
+use serde::de::Deserializer;
 
-use super::super::support::{duration, lenient_f64, lenient_u64, opt_duration};
+use super::super::support::{duration, lenient_f64, lenient_u64, one_or_many, opt_duration};
 
 /// Options of `circuitbreaker`. At most one trigger (`successRatio`, `ratio`,
 /// `errorThreshold`) and at most one action (`responseData`, `backupService`).
@@ -152,30 +151,4 @@ pub struct BackupService {
 
 fn opt_lenient_u64<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<u64>, D::Error> {
     lenient_u64(deserializer).map(Some)
-}
-
-fn one_or_many<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Vec<String>, D::Error> {
-    struct OneOrMany;
-
-    impl<'de> de::Visitor<'de> for OneOrMany {
-        type Value = Vec<String>;
-
-        fn expecting(&self, formatter: &mut fmt::Formatter) -> fmt::Result {
-            formatter.write_str("a string or a list of strings")
-        }
-
-        fn visit_str<E: de::Error>(self, value: &str) -> Result<Self::Value, E> {
-            Ok(vec![value.to_owned()])
-        }
-
-        fn visit_seq<A: de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
-            let mut values = Vec::new();
-            while let Some(value) = seq.next_element::<String>()? {
-                values.push(value);
-            }
-            Ok(values)
-        }
-    }
-
-    deserializer.deserialize_any(OneOrMany)
 }
