@@ -114,7 +114,9 @@ pub async fn run(
     let reload_current = current.clone();
     let reloads = loader.watch(cli.reload_interval, shutdown.clone(), move |loaded| {
         let started = std::time::Instant::now();
-        reload_proxy.update(&loaded.gateway).map_err(|err| err.to_string())?;
+        reload_proxy
+            .update(&loaded.gateway)
+            .map_err(|err| err.to_string())?;
         reload_current.store(Arc::new(loaded.gateway.clone()));
         tracing::info!(
             sha256 = %loaded.sha256,
