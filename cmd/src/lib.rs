@@ -63,8 +63,21 @@ fn duration(text: &str) -> Result<Duration, String> {
     configs::parse_duration(text).map_err(|err| err.to_string())
 }
 
-/// Start-up failures are returned as one line; after start-up, errors are logged.
+/// Start-up failures are returned as one line; after start-up, errors are logged. A failed
+/// start cancels `shutdown`, so whatever it had started (registry watches) ends with it.
 pub async fn run(
+    cli: Cli,
+    shutdown: CancellationToken,
+    on_ready: impl FnOnce(Vec<SocketAddr>),
+) -> Result<(), String> {
+    let result = serve_until_shutdown(cli, shutdown.clone(), on_ready).await;
+    if result.is_err() {
+        shutdown.cancel();
+    }
+    result
+}
+
+async fn serve_until_shutdown(
     cli: Cli,
     shutdown: CancellationToken,
     on_ready: impl FnOnce(Vec<SocketAddr>),
