@@ -95,17 +95,10 @@ fn slow_upstream(delay: Duration) -> u16 {
     port
 }
 
-#[test]
-fn sigterm_drains_in_flight_requests_then_exits_0() {
-    let upstream = slow_upstream(Duration::from_millis(800));
-    let (_dir, path) = write_temp(
-        "gw.yaml",
-        &format!(
-            "name: t\nendpoints:\n  - path: /slow\n    backends:\n      - target: 127.0.0.1:{upstream}\n"
-        ),
-    );
+/// Starts the gateway with `args` and waits (10 s at most) for the address it logs.
+fn spawn_gateway(args: &[&str]) -> (std::process::Child, String) {
     let mut child = Command::new(GATEWAY)
-        .args(["--conf", &path, "--addr", "127.0.0.1:0"])
+        .args(args)
         .env("RUST_LOG", "info")
         .env("NO_COLOR", "1")
         .stderr(Stdio::piped())
@@ -115,17 +108,31 @@ fn sigterm_drains_in_flight_requests_then_exits_0() {
     let (addr_tx, addr_rx) = mpsc::channel();
     thread::spawn(move || {
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if line.contains("listening") {
-                if let Some(addr) = line.split("addr=").nth(1) {
-                    let addr = addr.split_whitespace().next().unwrap_or("").to_string();
-                    let _ = addr_tx.send(addr);
-                }
+            if let Some(addr) = line
+                .split("addr=")
+                .nth(1)
+                .filter(|_| line.contains("listening"))
+            {
+                let _ = addr_tx.send(addr.split_whitespace().next().unwrap_or("").to_string());
             }
         }
     });
     let addr = addr_rx
         .recv_timeout(Duration::from_secs(10))
         .expect("gateway logs its address");
+    (child, addr)
+}
+
+#[test]
+fn sigterm_drains_in_flight_requests_then_exits_0() {
+    let upstream = slow_upstream(Duration::from_millis(800));
+    let (_dir, path) = write_temp(
+        "gw.yaml",
+        &format!(
+            "name: t\nendpoints:\n  - path: /slow\n    backends:\n      - target: 127.0.0.1:{upstream}\n"
+        ),
+    );
+    let (mut child, addr) = spawn_gateway(&["--conf", &path, "--addr", "127.0.0.1:0"]);
     let mut stream = TcpStream::connect(&addr).unwrap();
     stream
         .write_all(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n")
@@ -176,28 +183,7 @@ fn demo_mode_answers_the_example_config() {
         eprintln!("127.0.0.1:8000 is busy; skipping the demo check");
         return;
     }
-    let mut child = Command::new(GATEWAY)
-        .args(["--conf", example, "--addr", "127.0.0.1:0", "--demo"])
-        .env("NO_COLOR", "1")
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let (addr_tx, addr_rx) = mpsc::channel();
-    thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if let Some(addr) = line
-                .split("addr=")
-                .nth(1)
-                .filter(|_| line.contains("listening"))
-            {
-                let _ = addr_tx.send(addr.split_whitespace().next().unwrap_or("").to_string());
-            }
-        }
-    });
-    let addr = addr_rx
-        .recv_timeout(Duration::from_secs(10))
-        .expect("gateway logs its address");
+    let (mut child, addr) = spawn_gateway(&["--conf", example, "--addr", "127.0.0.1:0", "--demo"]);
     let mut stream = TcpStream::connect(&addr).unwrap();
     stream
         .write_all(b"GET /hello/world HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
