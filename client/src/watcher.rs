@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
-use discovery::{Discovery, ServiceInstance};
+use discovery::{Backoff, Discovery, ServiceInstance};
 use serde::Serialize;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -214,14 +214,15 @@ impl Watched {
     }
 }
 
+/// Watches one service until `shutdown` or until nobody holds the `Watched` any more; a
+/// failed start is retried with the project's jittered backoff (100 ms doubling to 5 s).
 async fn run_watch(
     discovery: Arc<dyn Discovery>,
     service: String,
     watched: Weak<Watched>,
     shutdown: CancellationToken,
 ) {
-    let mut backoff = Duration::from_millis(100);
-    let max_backoff = Duration::from_secs(5);
+    let mut backoff = Backoff::default();
     'connect: loop {
         let watcher = tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -233,12 +234,12 @@ async fn run_watch(
                 tracing::warn!(%service, %err, "starting watch failed; retrying");
                 tokio::select! {
                     _ = shutdown.cancelled() => return,
-                    _ = tokio::time::sleep(backoff) => {}
+                    _ = tokio::time::sleep(backoff.next_delay()) => {}
                 }
-                backoff = (backoff * 2).min(max_backoff);
                 continue 'connect;
             }
         };
+        backoff.reset();
         loop {
             let next = tokio::select! {
                 _ = shutdown.cancelled() => { watcher.stop().await; return; }

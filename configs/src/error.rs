@@ -43,6 +43,21 @@ pub enum ConfigError {
         /// What is wrong.
         message: String,
     },
+    /// The main config file is empty or holds only comments: most likely it was caught
+    /// between an editor's (or a shell `>`'s) truncate and its write, and applying it would
+    /// drop every route. `endpoints: []` says "no routes" on purpose.
+    #[error("config file is empty (caught mid-write?): {}", path.display())]
+    Empty {
+        /// The main config file.
+        path: PathBuf,
+    },
+    /// The config files kept changing between reads, so no consistent content could be
+    /// read (a writer still at work).
+    #[error("config kept changing while being read (a writer still at work?): {}", path.display())]
+    Unsettled {
+        /// The main config file.
+        path: PathBuf,
+    },
     /// The config parsed but breaks a rule: bad target, duplicate route, missing backends...
     #[error("{}", Located { file: file.as_deref(), position: *position, message: &format!("{field}: {message}") })]
     Invalid {
@@ -61,7 +76,9 @@ impl ConfigError {
     /// The file the error is about, if any.
     pub fn file(&self) -> Option<&Path> {
         match self {
-            ConfigError::Io { path, .. } => Some(path),
+            ConfigError::Io { path, .. }
+            | ConfigError::Empty { path }
+            | ConfigError::Unsettled { path } => Some(path),
             ConfigError::Parse { file, .. } => Some(file),
             ConfigError::Invalid { file, .. } => file.as_deref(),
         }
@@ -70,7 +87,9 @@ impl ConfigError {
     /// Line and column of the error, if known.
     pub fn position(&self) -> Option<Position> {
         match self {
-            ConfigError::Io { .. } => None,
+            ConfigError::Io { .. } | ConfigError::Empty { .. } | ConfigError::Unsettled { .. } => {
+                None
+            }
             ConfigError::Parse { position, .. } | ConfigError::Invalid { position, .. } => {
                 *position
             }

@@ -15,7 +15,10 @@
 //! Choices where Kratos is silent or where we differ on purpose:
 //! - Validation is strict (Kratos discards unknown fields and checks little): see
 //!   [`validate`] for the rules; each error names `file:line:col` and the field path.
-//! - An empty or comment-only file is an empty config.
+//! - An empty or comment-only text parses as an empty config, but the loader refuses such a
+//!   main file: it is most likely one caught mid-write, and would drop every route. Write
+//!   `endpoints: []` for a gateway with no routes. The loader also uses new content only
+//!   once two reads a settle delay apart (50 ms) agree.
 //! - Priority directory: `*.yaml` and `*.yml` files, sorted by name, hidden files skipped; a
 //!   directory that does not exist holds no files. An endpoint replaces the one with the same
 //!   method (case-insensitive), path *and host* in the list built so far, else it is put in

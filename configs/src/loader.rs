@@ -1,9 +1,15 @@
 //! The file loader: reads the main config and the priority directory, hashes them, and
 //! polls for changes (Kratos' `FileLoader`, driven by content hash rather than mtime).
+//!
+//! An editor or a shell `>` truncates a file and then writes it, so a poll can catch it
+//! empty or half written. Two guards keep such a file out: new content is used only when a
+//! second read, a settle delay later, finds the same bytes; and an empty main file is an
+//! error rather than a config with no routes.
 
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
@@ -12,8 +18,15 @@ use tokio_util::sync::CancellationToken;
 
 use crate::error::ConfigError;
 use crate::model::Gateway;
-use crate::parse::{merge_priority, parse, parse_priority};
+use crate::parse::{is_blank_document, merge_priority, parse, parse_priority};
 use crate::validate::validate;
+
+/// How long new content must stay unchanged before it is used, unless
+/// [`FileLoader::with_settle_delay`] says otherwise.
+const DEFAULT_SETTLE_DELAY: Duration = Duration::from_millis(50);
+
+/// How many settle delays `load` waits for changing files before it gives up.
+const LOAD_SETTLE_ATTEMPTS: u32 = 20;
 
 /// A config read from disk: the merged, validated gateway and the hash of what it was read
 /// from.
@@ -51,6 +64,7 @@ pub struct LoaderStatus {
 #[derive(Debug, Clone)]
 pub struct FileLoader {
     inner: Arc<Inner>,
+    settle: Duration,
 }
 
 #[derive(Debug)]
@@ -78,11 +92,23 @@ struct Sources {
     sha256: String,
 }
 
+impl Sources {
+    /// Same bytes in every file (the hash is not trusted for this: it is what is compared).
+    fn same_content(&self, other: &Sources) -> bool {
+        self.main == other.main && self.priority == other.priority
+    }
+}
+
 /// What one poll found.
 enum Poll {
     Unchanged,
+    /// New content that changed again within the settle delay: still being written.
+    Unsettled,
     Changed(Loaded),
-    Failed { key: String, error: String },
+    Failed {
+        key: String,
+        error: String,
+    },
 }
 
 impl FileLoader {
@@ -95,13 +121,25 @@ impl FileLoader {
                 priority_dir,
                 state: Mutex::new(State::default()),
             }),
+            settle: DEFAULT_SETTLE_DELAY,
         }
+    }
+
+    /// How long new content must stay byte-for-byte unchanged before it is used (default
+    /// 50 ms): long enough for a writer to finish, short enough not to be noticed.
+    pub fn with_settle_delay(mut self, delay: Duration) -> Self {
+        self.settle = delay;
+        self
     }
 
     /// Reads, parses, merges the priority directory and validates. A success becomes the
     /// config in force for `status` and `watch`; a failure is recorded as `last_error`.
+    ///
+    /// Content other than the config in force is read twice, a settle delay apart, until
+    /// two reads agree (so this blocks for at least that delay); files that keep changing
+    /// for 20 delays are an error. An empty main file is an error.
     pub fn load(&self) -> Result<Loaded, ConfigError> {
-        let result = self.read_sources().and_then(|sources| self.build(&sources));
+        let result = self.read_settled().and_then(|sources| self.build(&sources));
         let mut state = self.state();
         match &result {
             Ok(loaded) => state.record_success(loaded),
@@ -124,7 +162,9 @@ impl FileLoader {
     }
 
     /// Polls every `interval`: re-hashes the main file and the priority directory and, when
-    /// the hash differs from the config in force, loads it and calls `apply`.
+    /// the hash differs from the config in force, reads them again after the settle delay;
+    /// if both reads agree it loads them and calls `apply`, else (a file caught mid-write)
+    /// it waits for the next tick without reporting anything.
     ///
     /// A load error or an `apply` error is logged, stored as `last_error`, and the config in
     /// force stays; the failing hash is remembered, so the same broken file is reported once
@@ -156,6 +196,10 @@ impl FileLoader {
                 };
                 match poll {
                     Poll::Unchanged => {}
+                    Poll::Unsettled => tracing::debug!(
+                        path = %loader.inner.conf.display(),
+                        "config is being written; waiting for it to settle"
+                    ),
                     Poll::Failed { key, error } => loader.record_failure(key, error),
                     Poll::Changed(loaded) => {
                         let sha256 = loaded.sha256.clone();
@@ -181,7 +225,8 @@ impl FileLoader {
         })
     }
 
-    /// One polling step: read and hash; load only when the hash is new.
+    /// One polling step: read and hash; load only when the hash is new and a second read,
+    /// a settle delay later, finds the same content. Runs on a blocking thread.
     fn poll(&self) -> Poll {
         let sources = match self.read_sources() {
             Ok(sources) => sources,
@@ -203,6 +248,12 @@ impl FileLoader {
             if state.rejected.as_deref() == Some(sources.sha256.as_str()) {
                 return Poll::Unchanged;
             }
+        }
+        thread::sleep(self.settle);
+        // A failed second read is a file replaced or removed under us: also not settled.
+        match self.read_sources() {
+            Ok(again) if again.same_content(&sources) => {}
+            _ => return Poll::Unsettled,
         }
         match self.build(&sources) {
             Ok(loaded) => Poll::Changed(loaded),
@@ -232,6 +283,26 @@ impl FileLoader {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
+    /// Reads until two reads a settle delay apart agree; a single read when the content is
+    /// the config in force.
+    fn read_settled(&self) -> Result<Sources, ConfigError> {
+        let mut sources = self.read_sources()?;
+        if sources.sha256 == self.state().sha256 {
+            return Ok(sources);
+        }
+        for _ in 0..LOAD_SETTLE_ATTEMPTS {
+            thread::sleep(self.settle);
+            let again = self.read_sources()?;
+            if again.same_content(&sources) {
+                return Ok(again);
+            }
+            sources = again;
+        }
+        Err(ConfigError::Unsettled {
+            path: self.inner.conf.clone(),
+        })
+    }
+
     /// Reads the main file and every priority file, and hashes them.
     fn read_sources(&self) -> Result<Sources, ConfigError> {
         let conf = &self.inner.conf;
@@ -259,10 +330,15 @@ impl FileLoader {
         })
     }
 
-    /// Parses, merges and validates what `read_sources` read.
+    /// Parses, merges and validates what `read_sources` read. An empty main file is refused:
+    /// it is far more likely a file caught mid-write than a wish to drop every route.
     fn build(&self, sources: &Sources) -> Result<Loaded, ConfigError> {
         let conf = &self.inner.conf;
-        let mut gateway = parse(utf8(&sources.main, conf)?, conf)?;
+        let text = utf8(&sources.main, conf)?;
+        if is_blank_document(text) {
+            return Err(ConfigError::Empty { path: conf.clone() });
+        }
+        let mut gateway = parse(text, conf)?;
         for (path, content) in &sources.priority {
             let priority = parse_priority(utf8(content, path)?, path)?;
             tracing::debug!(

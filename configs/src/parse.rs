@@ -63,11 +63,7 @@ fn from_yaml<T: for<'de> Deserialize<'de> + Default>(
 ) -> Result<T, ConfigError> {
     // An empty (or comment-only) document is an empty config; the YAML parser would
     // otherwise complain that it "expected mapping start".
-    let is_blank = |line: &str| {
-        let line = line.trim();
-        line.is_empty() || line.starts_with('#') || line == "---" || line == "..."
-    };
-    if text.lines().all(is_blank) {
+    if is_blank_document(text) {
         return Ok(T::default());
     }
     serde_saphyr::from_str(text).map_err(|error| {
@@ -82,6 +78,14 @@ fn from_yaml<T: for<'de> Deserialize<'de> + Default>(
             position,
             message: escape_controls(&message),
         }
+    })
+}
+
+/// True when `text` holds no YAML content: only whitespace, comments and document markers.
+pub(crate) fn is_blank_document(text: &str) -> bool {
+    text.lines().all(|line| {
+        let line = line.trim();
+        line.is_empty() || line.starts_with('#') || line == "---" || line == "..."
     })
 }
 

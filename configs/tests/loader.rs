@@ -1,7 +1,10 @@
 //! FileLoader: priority merge, hashing, and the polling watch.
 
 use std::fs;
+use std::io::Write;
 use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use configs::{FileLoader, Loaded};
@@ -20,8 +23,36 @@ fn config(version: &str) -> String {
     )
 }
 
+/// Writes `text` atomically (a hidden temp file in the same directory, then a rename), so the
+/// poller never sees the file half written unless a test means it to.
 fn write(path: &Path, text: &str) {
-    fs::write(path, text).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let name = path
+        .file_name()
+        .unwrap_or_else(|| panic!("{} has no file name", path.display()));
+    let temp = path.with_file_name(format!(".{}.tmp", name.to_string_lossy()));
+    fs::write(&temp, text).unwrap_or_else(|e| panic!("{}: {e}", temp.display()));
+    fs::rename(&temp, path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+}
+
+/// Truncates `path` and writes `text[..cut]`, like the first `write` of an editor or of a
+/// shell `>`; the caller writes the rest with [`write_rest`].
+fn write_first_part(path: &Path, text: &str, cut: usize) -> fs::File {
+    let mut file = fs::File::create(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    file.write_all(&text.as_bytes()[..cut])
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    file.flush().expect("flush");
+    file
+}
+
+/// Writes the rest of `text` after [`write_first_part`].
+fn write_rest(mut file: fs::File, text: &str, cut: usize) {
+    file.write_all(&text.as_bytes()[cut..]).expect("write");
+    file.flush().expect("flush");
+}
+
+/// Where `config(version)` can be cut so the first part is itself a valid config (only `/a`).
+fn valid_cut(text: &str) -> usize {
+    text.find("  - path: /b").expect("a second endpoint")
 }
 
 fn paths(gateway: &configs::Gateway) -> Vec<(String, String, String)> {
@@ -52,9 +83,22 @@ fn watch(
     CancellationToken,
     tokio::task::JoinHandle<()>,
 ) {
+    watch_every(loader, INTERVAL, reject)
+}
+
+/// [`watch`] polling every `interval`.
+fn watch_every(
+    loader: &FileLoader,
+    interval: Duration,
+    reject: &'static [&'static str],
+) -> (
+    mpsc::UnboundedReceiver<Loaded>,
+    CancellationToken,
+    tokio::task::JoinHandle<()>,
+) {
     let (sender, receiver) = mpsc::unbounded_channel();
     let shutdown = CancellationToken::new();
-    let handle = loader.watch(INTERVAL, shutdown.clone(), move |loaded: Loaded| {
+    let handle = loader.watch(interval, shutdown.clone(), move |loaded: Loaded| {
         let version = loaded.gateway.version.clone();
         let _ = sender.send(loaded);
         if reject.contains(&version.as_str()) {
@@ -71,6 +115,22 @@ async fn next(receiver: &mut mpsc::UnboundedReceiver<Loaded>) -> Loaded {
         .await
         .expect("apply was not called in time")
         .expect("watch ended")
+}
+
+/// Waits (up to `DEADLINE`) until `done` holds for the loader's status.
+async fn until(loader: &FileLoader, what: &str, done: impl Fn(&configs::LoaderStatus) -> bool) {
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        if done(&loader.status()) {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{what}: not seen in time; status {:?}",
+            loader.status()
+        );
+        tokio::time::sleep(INTERVAL / 5).await;
+    }
 }
 
 /// Asserts nothing reaches `apply` for `ticks` intervals.
@@ -354,4 +414,230 @@ async fn priority_directory_changes_trigger_reloads() {
     assert_eq!(paths(&removed.gateway), paths(&initial.gateway));
     assert_eq!(loader.status().reloads, 4);
     shutdown.cancel();
+}
+
+#[test]
+fn empty_main_file_is_refused_at_load() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let conf = dir.path().join("gateway.yaml");
+    for text in ["", "\n", "  \n\t\n", "# all routes go here\n---\n"] {
+        write(&conf, text);
+        let loader = FileLoader::new(&conf, None);
+        let error = loader.load().expect_err("an empty file is refused");
+        assert!(
+            matches!(error, configs::ConfigError::Empty { .. }),
+            "{text:?}: {error:?}"
+        );
+        assert_eq!(error.file(), Some(conf.as_path()));
+        let shown = error.to_string();
+        assert_eq!(
+            shown,
+            format!(
+                "config file is empty (caught mid-write?): {}",
+                conf.display()
+            )
+        );
+        assert_eq!(loader.status().last_error, Some(shown));
+        assert_eq!(loader.status().sha256, "");
+    }
+    // No routes on purpose is still possible.
+    write(&conf, "endpoints: []\n");
+    let loaded = FileLoader::new(&conf, None)
+        .load()
+        .expect("explicitly empty");
+    assert!(loaded.gateway.endpoints.is_empty());
+}
+
+#[test]
+fn empty_priority_file_is_no_override() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let conf = dir.path().join("gateway.yaml");
+    let priority = dir.path().join("priority.d");
+    fs::create_dir(&priority).expect("mkdir");
+    write(&conf, &config("v1"));
+    write(&priority.join("empty.yaml"), "");
+    let loaded = FileLoader::new(&conf, Some(priority))
+        .load()
+        .expect("an empty priority file overrides nothing");
+    assert_eq!(loaded.gateway.endpoints.len(), 2);
+}
+
+#[tokio::test]
+async fn empty_file_during_watch_keeps_the_running_config() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let conf = dir.path().join("gateway.yaml");
+    write(&conf, &config("v1"));
+    let loader = FileLoader::new(&conf, None);
+    let first = loader.load().expect("load");
+    let (mut applied, shutdown, _handle) = watch(&loader, &[]);
+
+    // Like `: > gateway.yaml`: truncated, and nothing written after.
+    fs::File::create(&conf).expect("truncate");
+    until(&loader, "empty file reported", |status| {
+        status.last_error.is_some()
+    })
+    .await;
+    nothing_for(&mut applied, 3).await;
+    let status = loader.status();
+    assert_eq!(
+        status.last_error,
+        Some(format!(
+            "config file is empty (caught mid-write?): {}",
+            conf.display()
+        ))
+    );
+    assert_eq!(
+        (status.sha256, status.version.as_str(), status.reloads),
+        (first.sha256, "v1", 0)
+    );
+
+    write(&conf, &config("v2"));
+    assert_eq!(next(&mut applied).await.gateway.version, "v2");
+    let status = loader.status();
+    assert_eq!((status.reloads, status.last_error), (1, None));
+    shutdown.cancel();
+}
+
+#[tokio::test]
+async fn file_caught_mid_write_is_never_applied() {
+    // Poll often, settle long: every poll between the two writes sees the first part, and
+    // the pause between the writes is far shorter than the settle delay.
+    const POLL: Duration = Duration::from_millis(5);
+    const SETTLE: Duration = Duration::from_millis(100);
+    const PAUSE: Duration = Duration::from_millis(15);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let conf = dir.path().join("gateway.yaml");
+    write(&conf, &config("v1"));
+    let loader = FileLoader::new(&conf, None).with_settle_delay(SETTLE);
+    loader.load().expect("load");
+    let (mut applied, shutdown, _handle) = watch_every(&loader, POLL, &[]);
+
+    let mut versions = vec!["v1".to_string()];
+    for round in 2..=6 {
+        let version = format!("v{round}");
+        let text = config(&version);
+        // The first part alone is a valid config with one route: applying it would drop /b.
+        let cut = valid_cut(&text);
+        let file = write_first_part(&conf, &text, cut);
+        tokio::time::sleep(PAUSE).await;
+        write_rest(file, &text, cut);
+        until(&loader, &format!("{version} applied"), |status| {
+            status.version == version
+        })
+        .await;
+        versions.push(version);
+    }
+    shutdown.cancel();
+
+    let mut seen = 0;
+    while let Ok(loaded) = applied.try_recv() {
+        seen += 1;
+        let version = &loaded.gateway.version;
+        assert!(versions.contains(version), "unknown version {version:?}");
+        assert_eq!(
+            paths(&loaded.gateway),
+            paths(&configs::parse(&config(version), &conf).expect("full config")),
+            "{version} was applied half written"
+        );
+    }
+    assert_eq!(seen, 5, "each full version applied once");
+    assert_eq!(loader.status().last_error, None);
+}
+
+#[tokio::test]
+async fn priority_file_caught_mid_write_is_never_applied() {
+    const POLL: Duration = Duration::from_millis(5);
+    const SETTLE: Duration = Duration::from_millis(100);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let conf = dir.path().join("gateway.yaml");
+    let priority = dir.path().join("priority.d");
+    fs::create_dir(&priority).expect("mkdir");
+    write(&conf, &config("v1"));
+    let loader = FileLoader::new(&conf, Some(priority.clone())).with_settle_delay(SETTLE);
+    let initial = loader.load().expect("load");
+    let (mut applied, shutdown, _handle) = watch_every(&loader, POLL, &[]);
+
+    let text = "endpoints:\n  - path: /x\n    backends: [{target: 'x:1'}]\n  - path: /y\n    backends: [{target: 'y:1'}]\n";
+    let cut = text.find("  - path: /y").expect("second endpoint");
+    let extra = priority.join("extra.yaml");
+    let file = write_first_part(&extra, text, cut);
+    tokio::time::sleep(Duration::from_millis(15)).await;
+    write_rest(file, text, cut);
+    let loaded = next(&mut applied).await;
+    assert_eq!(
+        paths(&loaded.gateway),
+        [
+            triple("", "/y", "y:1"),
+            triple("", "/x", "x:1"),
+            triple("", "/a", "127.0.0.1:8000"),
+            triple("GET", "/b", "127.0.0.1:8001"),
+        ]
+    );
+    assert_ne!(loaded.sha256, initial.sha256);
+    nothing_for(&mut applied, 10).await;
+    shutdown.cancel();
+}
+
+#[test]
+fn load_waits_for_a_file_being_written() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let conf = dir.path().join("gateway.yaml");
+    let text = config("v1");
+    let cut = valid_cut(&text);
+    let file = write_first_part(&conf, &text, cut);
+    let (started, ready) = std::sync::mpsc::channel();
+    let writer = {
+        let text = text.clone();
+        std::thread::spawn(move || {
+            let _ = ready.recv();
+            std::thread::sleep(Duration::from_millis(30));
+            write_rest(file, &text, cut);
+        })
+    };
+    let loader = FileLoader::new(&conf, None).with_settle_delay(Duration::from_millis(150));
+    started.send(()).expect("writer waits");
+    let loaded = loader.load().expect("load");
+    writer.join().expect("writer");
+    assert_eq!(loaded.gateway.endpoints.len(), 2, "loaded half written");
+    assert_eq!(loaded.sha256, hex::encode(Sha256::digest(text.as_bytes())));
+}
+
+#[test]
+fn load_gives_up_on_files_that_keep_changing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let conf = dir.path().join("gateway.yaml");
+    write(&conf, &config("v0"));
+    let stop = Arc::new(AtomicBool::new(false));
+    let (started, running) = std::sync::mpsc::channel();
+    let writer = {
+        let (conf, stop) = (conf.clone(), stop.clone());
+        std::thread::spawn(move || {
+            // Bounded in time even if the test fails before it stops the writer.
+            let end = std::time::Instant::now() + Duration::from_secs(10);
+            let mut version = 0u64;
+            while !stop.load(Ordering::Relaxed) && std::time::Instant::now() < end {
+                version += 1;
+                write(&conf, &config(&format!("v{version}")));
+                if version == 1 {
+                    let _ = started.send(());
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        })
+    };
+    running.recv().expect("writer started");
+    // The writer would have to stall for a whole settle delay to fool the loader.
+    let loader = FileLoader::new(&conf, None).with_settle_delay(Duration::from_millis(100));
+    let result = loader.load();
+    stop.store(true, Ordering::Relaxed);
+    writer.join().expect("writer");
+    let error = result.expect_err("never settled");
+    assert!(
+        matches!(error, configs::ConfigError::Unsettled { .. }),
+        "{error:?}"
+    );
+    assert!(error.to_string().contains("kept changing"), "{error}");
+    assert!(loader.status().last_error.is_some());
+    // Once the writer is done, the file loads.
+    loader.load().expect("settled");
 }

@@ -1,12 +1,15 @@
-//! Exponential backoff with full jitter, shared by the watchers.
+//! Exponential backoff with jitter, shared by every background task that retries (the
+//! registry watchers here, the service watches in `client`).
 
 use std::time::Duration;
 
 use rand::Rng;
 
-/// Delays that double from `base` up to `cap`, each drawn uniformly from `[delay/2, delay]`.
+/// Delays that double from `base` up to `cap`, each drawn uniformly from `[delay/2, delay]`
+/// so that tasks failing together do not retry in step. [`Backoff::default`] is the
+/// project's policy: 100 ms doubling to at most 5 s.
 #[derive(Debug, Clone)]
-pub(crate) struct Backoff {
+pub struct Backoff {
     base: Duration,
     cap: Duration,
     attempt: u32,
@@ -14,7 +17,7 @@ pub(crate) struct Backoff {
 
 impl Backoff {
     /// A backoff starting at `base` and never exceeding `cap`.
-    pub(crate) fn new(base: Duration, cap: Duration) -> Self {
+    pub fn new(base: Duration, cap: Duration) -> Self {
         Self {
             base,
             cap,
@@ -23,7 +26,7 @@ impl Backoff {
     }
 
     /// The delay before the next retry; each call doubles the ceiling.
-    pub(crate) fn next_delay(&mut self) -> Duration {
+    pub fn next_delay(&mut self) -> Duration {
         let ceiling = self
             .base
             .saturating_mul(1u32 << self.attempt.min(16))
@@ -36,7 +39,7 @@ impl Backoff {
     }
 
     /// Forgets past failures after a success.
-    pub(crate) fn reset(&mut self) {
+    pub fn reset(&mut self) {
         self.attempt = 0;
     }
 }

@@ -24,6 +24,7 @@ pub mod consul;
 mod dsn;
 pub mod etcd;
 
+pub use backoff::Backoff;
 pub use dsn::{DiscoveryDsn, from_dsn};
 
 /// One registered instance, the Kratos `ServiceInstance` shape (JSON field names exactly these).
