@@ -7,6 +7,7 @@ use discovery::ServiceInstance;
 use selector::{DEFAULT_WEIGHT, Node, Selector};
 
 use crate::error::BuildError;
+use crate::factory::ClientSpec;
 use crate::watcher::{ServiceWatcher, Subscription};
 
 /// Keeps an endpoint's selector fed: static targets once, discovered services on every
@@ -67,17 +68,16 @@ fn parse_target(target: &str) -> Result<Target, BuildError> {
 }
 
 impl NodeApplier {
-    /// Resolves `endpoint`'s backends into `selector`; `description` names the endpoint in
+    /// Resolves the backends of `spec` into `selector`; `spec.name` names the endpoint in
     /// debug views.
     pub fn new(
-        description: String,
-        endpoint: &configs::Endpoint,
+        spec: &ClientSpec<'_>,
         selector: Arc<dyn Selector>,
         watcher: Option<Arc<ServiceWatcher>>,
     ) -> Result<Self, BuildError> {
         let mut static_nodes = Vec::new();
         let mut weights = BTreeMap::new();
-        for backend in &endpoint.backends {
+        for backend in spec.backends {
             match parse_target(&backend.target)? {
                 Target::Direct { address, tls } => static_nodes.push(Node {
                     address,
@@ -96,7 +96,7 @@ impl NodeApplier {
                 }
             }
         }
-        let scheme = match endpoint.protocol {
+        let scheme = match spec.protocol {
             configs::Protocol::Grpc => "grpc",
             configs::Protocol::Http => "http",
         };
@@ -117,7 +117,7 @@ impl NodeApplier {
                 let counted = service.clone();
                 subscriptions.push(watcher.subscribe(
                     service,
-                    description.clone(),
+                    spec.name.to_owned(),
                     Arc::new(move |instances: &[ServiceInstance]| {
                         callback_state.on_instances(&name, instances)
                     }),

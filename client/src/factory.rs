@@ -1,5 +1,6 @@
 //! Building per-endpoint clients over shared connection pools.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -45,7 +46,25 @@ impl Default for ClientOptions {
     }
 }
 
+/// What a client needs to know about the endpoint it serves: narrower than the whole
+/// `configs::Endpoint`, so other users (a circuit breaker's backup service) can build one.
+#[derive(Debug, Clone, Copy)]
+pub struct ClientSpec<'a> {
+    /// Names the client in logs and debug views, e.g. `GET /api/*`.
+    pub name: &'a str,
+    /// HTTP/1.1 or h2c (gRPC) towards the nodes; also picks the registry endpoint's scheme.
+    pub protocol: configs::Protocol,
+    /// Balancing algorithm: `p2c` (default when empty), `wrr` or `random`.
+    pub selector: &'a str,
+    /// The targets: `host:port`, `http(s)://host:port` or `discovery:///name`.
+    pub backends: &'a [configs::Backend],
+    /// Named TLS settings that backends refer to with `tlsConfigName`.
+    pub tls_store: &'a BTreeMap<String, configs::Tls>,
+}
+
 /// Builds a [`Client`] per endpoint; owns the shared pools and the service watcher.
+/// Cheap to clone: clones share the pools.
+#[derive(Clone)]
 pub struct Factory {
     options: ClientOptions,
     http1: Pool,
@@ -73,29 +92,18 @@ impl Factory {
     }
 
     /// Builds the client of one endpoint: its selector, node applier and pool.
-    pub fn build(
-        &self,
-        endpoint: &configs::Endpoint,
-        tls_store: &std::collections::BTreeMap<String, configs::Tls>,
-    ) -> Result<Client, BuildError> {
-        let algorithm: Algorithm =
-            endpoint
-                .selector
-                .parse()
-                .map_err(|_| BuildError::BadTarget {
-                    target: endpoint.selector.clone(),
-                    reason: "unknown selector (p2c, wrr or random)".into(),
-                })?;
+    pub fn build(&self, spec: &ClientSpec<'_>) -> Result<Client, BuildError> {
+        let algorithm: Algorithm = spec.selector.parse().map_err(|_| BuildError::BadTarget {
+            target: spec.selector.to_owned(),
+            reason: "unknown selector (p2c, wrr or random)".into(),
+        })?;
         let selector = selector::build(algorithm);
-        let grpc = endpoint.protocol == configs::Protocol::Grpc;
-        let custom_tls = endpoint
-            .backends
-            .iter()
-            .find(|b| !b.tls_config_name.is_empty());
+        let grpc = spec.protocol == configs::Protocol::Grpc;
+        let custom_tls = spec.backends.iter().find(|b| !b.tls_config_name.is_empty());
         let http = match custom_tls {
             Some(backend) => {
                 let name = &backend.tls_config_name;
-                let settings = tls_store.get(name).ok_or_else(|| BuildError::Tls {
+                let settings = spec.tls_store.get(name).ok_or_else(|| BuildError::Tls {
                     name: name.clone(),
                     reason: "not found in tlsStore".into(),
                 })?;
@@ -108,13 +116,7 @@ impl Factory {
             None if grpc => self.h2c.clone(),
             None => self.http1.clone(),
         };
-        let description = describe(endpoint);
-        let applier = NodeApplier::new(
-            description,
-            endpoint,
-            selector.clone(),
-            self.watcher.clone(),
-        )?;
+        let applier = NodeApplier::new(spec, selector.clone(), self.watcher.clone())?;
         let version = if grpc {
             Version::HTTP_2
         } else {
@@ -128,19 +130,6 @@ impl Factory {
                 version,
             }),
         })
-    }
-}
-
-fn describe(endpoint: &configs::Endpoint) -> String {
-    let method = if endpoint.method.is_empty() {
-        "*"
-    } else {
-        &endpoint.method
-    };
-    if endpoint.host.is_empty() {
-        format!("{method} {}", endpoint.path)
-    } else {
-        format!("{method} {}{}", endpoint.host, endpoint.path)
     }
 }
 

@@ -10,12 +10,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
-use http::{Request, Response};
-use hyper::body::Incoming;
-use middleware::Body;
-use middleware::metrics::Metrics;
-use proxy::Proxy;
 use proxy::server::{ServerOptions, serve};
+use proxy::{Edge, Metrics, Proxy};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -83,7 +79,12 @@ async fn serve_until_shutdown(
     on_ready: impl FnOnce(Vec<SocketAddr>),
 ) -> Result<(), String> {
     let loader = configs::FileLoader::new(cli.conf.clone(), cli.priority_dir.clone());
-    let loaded = loader.load().map_err(|err| format!("config: {err}"))?;
+    // The first load waits for the file to settle (two equal reads), so off the runtime.
+    let first_load = loader.clone();
+    let loaded = tokio::task::spawn_blocking(move || first_load.load())
+        .await
+        .map_err(|err| format!("config: {err}"))?
+        .map_err(|err| format!("config: {err}"))?;
     let watcher = match &cli.discovery {
         Some(dsn) => {
             let registry = discovery::from_dsn(dsn).map_err(|err| format!("--discovery: {err}"))?;
@@ -106,7 +107,7 @@ async fn serve_until_shutdown(
     let metrics = Arc::new(Metrics::new());
     let clients = client::Factory::new(client::ClientOptions::default(), watcher.clone());
     let mut registry = middleware::Registry::new();
-    middleware::builtin::register_all(&mut registry);
+    middleware_builtin::register_all(&mut registry, clients.clone());
     let proxy = Arc::new(
         Proxy::new(clients, registry, metrics.clone()).with_close_grace(cli.shutdown_grace),
     );
@@ -152,23 +153,17 @@ async fn serve_until_shutdown(
         shutdown_grace: cli.shutdown_grace,
         ..ServerOptions::default()
     };
+    let edge = Arc::new(Edge::new(proxy.clone(), debug));
     let mut servers = Vec::new();
     let mut local_addrs = Vec::new();
     for listener in listeners {
         let local = listener.local_addr().map_err(|err| err.to_string())?;
         local_addrs.push(local);
         tracing::info!(addr = %local, endpoints = loaded.gateway.endpoints.len(), "listening");
-        let edge = Arc::new(Edge {
-            proxy: proxy.clone(),
-            metrics: metrics.clone(),
-            debug: debug.clone(),
-        });
-        let handler = move |req, remote| edge.clone().handle(req, remote);
         servers.push(tokio::spawn(serve(
             listener,
             options.clone(),
-            Some(metrics.clone()),
-            handler,
+            edge.clone(),
             shutdown.clone(),
         )));
     }
@@ -180,33 +175,4 @@ async fn serve_until_shutdown(
     }
     let _ = reloads.await;
     Ok(())
-}
-
-/// The outermost service: `/metrics`, `/debug/*` (when enabled), then the proxy. Every
-/// branch lives in one async fn, so the proxied path pays for no extra boxing.
-struct Edge {
-    proxy: Arc<Proxy>,
-    metrics: Arc<Metrics>,
-    debug: Option<Arc<debug::DebugMux>>,
-}
-
-impl Edge {
-    async fn handle(self: Arc<Self>, req: Request<Incoming>, remote: SocketAddr) -> Response<Body> {
-        if req.uri().path() == "/metrics" {
-            let mut response = Response::new(middleware::full_body(self.metrics.encode()));
-            response.headers_mut().insert(
-                http::header::CONTENT_TYPE,
-                http::HeaderValue::from_static("text/plain; version=0.0.4"),
-            );
-            return response;
-        }
-        if let Some(debug) = &self.debug
-            && debug::DebugMux::matches(req.uri().path())
-        {
-            let response = debug.handle(req, remote).await;
-            return response
-                .map(|body| middleware::full_body(body.into_inner().unwrap_or_default()));
-        }
-        self.proxy.handle(req, remote).await
-    }
 }

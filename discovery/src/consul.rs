@@ -1,7 +1,7 @@
 //! Consul discovery over the agent's HTTP API, written directly over hyper.
 //!
 //! # Why not rs-consul
-//! rs-consul 0.15 (the workspace's Consul crate) does return the `X-Consul-Index` of a
+//! rs-consul 0.15 (the crate the project names for Consul) does return the `X-Consul-Index` of a
 //! blocking query (`ResponseMeta::index`), but its typed `ServiceNode.Service` carries only
 //! `ID`, `Service`, `Address`, `Port` and `Tags`: `Service.Meta` (Kratos' metadata, including
 //! `weight`), `Service.TaggedAddresses` (where Kratos registers its full endpoint URLs such as

@@ -8,7 +8,7 @@ use serde::de::DeserializeOwned;
 use tower::util::BoxCloneSyncService;
 use tower::{Layer, Service};
 
-use crate::metrics::Metrics;
+use crate::denials::{DenialCounter, Denials, LocalDenials};
 use crate::{Body, BoxError, EndpointInfo, RoundTripper};
 
 /// A middleware failed to build; the whole config update fails with this message.
@@ -34,11 +34,22 @@ impl BuildError {
 type WrapFn = dyn Fn(RoundTripper) -> RoundTripper + Send + Sync;
 type CloseFn = Box<dyn FnOnce() + Send>;
 
+/// What a middleware declares about itself, so the proxy never has to know it by name.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Capabilities {
+    /// It writes an access line per attempt (the proxy then skips its own per-request line).
+    pub access_log: bool,
+    /// It answers CORS preflights (`OPTIONS` with `Access-Control-Request-Method`), so the
+    /// router sends a preflight for method M on a path to the endpoint serving M there.
+    pub answers_preflight: bool,
+}
+
 /// A built middleware: wraps the next RoundTripper; closed when its router is retired.
 pub struct Middleware {
     name: String,
     wrap: Arc<WrapFn>,
     closer: Mutex<Option<CloseFn>>,
+    capabilities: Capabilities,
 }
 
 impl Middleware {
@@ -67,7 +78,19 @@ impl Middleware {
             name: name.into(),
             wrap: Arc::new(wrap),
             closer: Mutex::new(None),
+            capabilities: Capabilities::default(),
         }
+    }
+
+    /// Declares what the middleware does that the proxy must know about.
+    pub fn with_capabilities(mut self, capabilities: Capabilities) -> Self {
+        self.capabilities = capabilities;
+        self
+    }
+
+    /// What the middleware declared.
+    pub fn capabilities(&self) -> Capabilities {
+        self.capabilities
     }
 
     /// Runs `closer` when the middleware is closed (e.g. to stop a background task).
@@ -102,8 +125,29 @@ impl Middleware {
 pub struct BuildContext {
     /// The endpoint the middleware wraps (global middlewares are built once per endpoint).
     pub endpoint: Arc<EndpointInfo>,
-    /// Metric families for middleware counters.
-    pub metrics: Arc<Metrics>,
+    /// Where refused requests are counted.
+    pub denials: Arc<dyn Denials>,
+}
+
+impl BuildContext {
+    /// A context for `endpoint` that counts denials in memory.
+    pub fn new(endpoint: Arc<EndpointInfo>) -> Self {
+        Self {
+            endpoint,
+            denials: Arc::new(LocalDenials::default()),
+        }
+    }
+
+    /// Counts denials in `denials` instead.
+    pub fn with_denials(mut self, denials: Arc<dyn Denials>) -> Self {
+        self.denials = denials;
+        self
+    }
+
+    /// The denial counter of middleware `name` on this endpoint, for `reason`.
+    pub fn denial_counter(&self, name: &str, reason: &str) -> DenialCounter {
+        self.denials.counter(name, &self.endpoint.path, reason)
+    }
 }
 
 /// Builds a middleware from its config entry.
@@ -169,8 +213,9 @@ impl Registry {
     }
 }
 
-/// Decodes a middleware's `options` into `T`, ignoring a protobuf `'@type'` key.
-/// Absent options decode as `T::default()`.
+/// Decodes `config.options` into `T` (ignoring a protobuf `'@type'` key; absent options
+/// give `T::default()`). Errors name the middleware and the option field, e.g.
+/// `middleware ratelimit: options.burst: invalid type: string "x", expected a number`.
 pub fn options<T: DeserializeOwned + Default>(
     config: &configs::Middleware,
 ) -> Result<T, BuildError> {
@@ -181,6 +226,13 @@ pub fn options<T: DeserializeOwned + Default>(
     if value.is_null() {
         return Ok(T::default());
     }
-    serde_json::from_value(value)
-        .map_err(|err| BuildError::new(&config.name, format!("options: {err}")))
+    serde_path_to_error::deserialize(value).map_err(|err| {
+        let path = err.path().to_string();
+        let field = if path == "." {
+            "options".to_owned()
+        } else {
+            format!("options.{path}")
+        };
+        BuildError::new(&config.name, format!("{field}: {}", err.inner()))
+    })
 }

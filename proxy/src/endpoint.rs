@@ -10,18 +10,28 @@ use bytes::Bytes;
 use http::{HeaderMap, Method, Request, Response, Uri, Version};
 use http_body::{Body as HttpBody, Frame, SizeHint};
 use http_body_util::BodyExt;
-use middleware::metrics::{EndpointMetrics, Metrics};
 use middleware::{Body, BoxError, EndpointInfo, Middleware, RequestOptions, RoundTripper};
 use tower::Service;
 use tower::util::BoxCloneSyncService;
 
-use crate::error::{ProxyError, error_response};
+use crate::error::ProxyError;
 use crate::headers::{append_forwarded_for, strip_hop_by_hop};
+use crate::metrics::{EndpointMetrics, Metrics};
+use crate::render::{Dialect, error_response, rendered};
 use crate::retry::RetryPolicy;
 
 /// Request bodies up to this size are buffered so a retry can replay them; larger or
 /// unsized bodies stream through and are not retried.
 pub const MAX_REPLAY_BODY: u64 = 64 * 1024;
+
+/// What the handler needs of an endpoint's config: its deadline and retry rules.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct EndpointSpec<'a> {
+    /// Deadline of the whole request, retries included (`None` or zero: none).
+    pub timeout: Option<Duration>,
+    /// Retry rules (`None`: one attempt).
+    pub retry: Option<&'a configs::Retry>,
+}
 
 /// Serves the requests of one endpoint.
 pub struct EndpointHandler {
@@ -35,9 +45,12 @@ pub struct EndpointHandler {
     retry: RetryPolicy,
     metrics: EndpointMetrics,
     in_flight: prometheus::IntGauge,
-    /// A `logging` middleware writes a line per attempt; the handler's own per-request
-    /// access line would repeat it, so it is left out then.
-    logging_middleware: bool,
+    /// A middleware writes an access line per attempt; the handler's own per-request line
+    /// would repeat it, so it is left out then.
+    middleware_access_log: bool,
+    /// A middleware answers CORS preflights for this endpoint.
+    answers_preflight: bool,
+    dialect: Dialect,
 }
 
 struct Head {
@@ -67,12 +80,14 @@ impl EndpointHandler {
     /// Wraps `client` in `middlewares` (first = outermost).
     pub fn new(
         info: Arc<EndpointInfo>,
-        endpoint: &configs::Endpoint,
+        spec: EndpointSpec<'_>,
         client: client::Client,
         middlewares: Vec<Middleware>,
         metrics: &Metrics,
     ) -> Self {
-        let logging_middleware = middlewares.iter().any(|m| m.name() == "logging");
+        let declared = |has: fn(&Middleware) -> bool| middlewares.iter().any(has);
+        let middleware_access_log = declared(|m| m.capabilities().access_log);
+        let answers_preflight = declared(|m| m.capabilities().answers_preflight);
         let tripper = (!middlewares.is_empty()).then(|| {
             let mut tripper: RoundTripper = BoxCloneSyncService::new(client.clone());
             for middleware in middlewares.iter().rev() {
@@ -81,16 +96,23 @@ impl EndpointHandler {
             tripper
         });
         Self {
-            logging_middleware,
+            middleware_access_log,
+            answers_preflight,
+            dialect: info.protocol.into(),
             metrics: metrics.endpoint(&info),
             in_flight: metrics.in_flight.clone(),
             info,
             tripper,
             client,
             middlewares,
-            timeout: endpoint.timeout.filter(|d| !d.is_zero()),
-            retry: RetryPolicy::new(endpoint.retry.as_ref()),
+            timeout: spec.timeout.filter(|d| !d.is_zero()),
+            retry: RetryPolicy::new(spec.retry),
         }
+    }
+
+    /// Whether a middleware of this endpoint answers CORS preflights.
+    pub fn answers_preflight(&self) -> bool {
+        self.answers_preflight
     }
 
     /// The endpoint's facts.
@@ -123,7 +145,7 @@ impl EndpointHandler {
             handler: self,
             start: Instant::now(),
             method: parts.method.clone(),
-            uri: (!self.logging_middleware
+            uri: (!self.middleware_access_log
                 && tracing::enabled!(target: "access", tracing::Level::INFO))
             .then(|| parts.uri.clone()),
             options: RequestOptions::new(self.info.clone(), Some(remote)),
@@ -151,13 +173,13 @@ impl EndpointHandler {
         let response = match outcome {
             Ok(mut response) => {
                 strip_hop_by_hop(response.headers_mut(), false);
-                response
+                rendered(response, self.dialect)
             }
             Err(err) => {
                 let backend = record.options.backend.get();
                 let backend = backend.as_ref().map_or("", |node| node.address.as_str());
-                tracing::warn!(endpoint = %self.info.path, backend, error = %err, "request failed");
-                error_response(&err, self.info.protocol)
+                tracing::warn!(endpoint = %self.info.path, backend, side = ?err.side(), error = %err, "request failed");
+                error_response(&err, self.dialect)
             }
         };
         record.finish(response.status().as_u16());
@@ -249,8 +271,7 @@ impl EndpointHandler {
                     tracing::debug!(endpoint = %self.info.path, status = response.status().as_u16(), attempt, "retrying on response");
                 }
                 Err(err) => {
-                    let retryable = matches!(err, ProxyError::Upstream(_) | ProxyError::Timeout);
-                    if last || !retryable || !self.retry.budget().withdraw() {
+                    if last || !err.is_retryable() || !self.retry.budget().withdraw() {
                         return Err(err);
                     }
                     tracing::debug!(endpoint = %self.info.path, error = %err, attempt, "retrying on error");

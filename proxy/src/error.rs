@@ -1,21 +1,44 @@
-//! The one place where failure causes become downstream statuses.
+//! Why a request could not be answered by an upstream, which side failed, and whether
+//! another attempt may help. [`crate::render`] turns these into what the client sees.
 
-use http::{HeaderValue, Response, StatusCode};
-use middleware::{Body, BoxError};
+use middleware::BoxError;
 
-/// Why a request could not be answered by an upstream response.
+/// Which side of the proxy a failure came from (as pingora tells them apart).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    /// The downstream client: it went away or sent something unusable.
+    Downstream,
+    /// The upstream node, or the lack of one.
+    Upstream,
+    /// The gateway itself.
+    Internal,
+}
+
+/// A request that ended without an upstream response.
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyError {
     /// The downstream client went away while sending its request (499).
     #[error("client closed the request: {0}")]
     ClientGone(BoxError),
+    /// No route for the path (404).
+    #[error("no endpoint for this path")]
+    NotFound,
+    /// The path has endpoints, none for this method (405).
+    #[error("method not allowed on this path")]
+    MethodNotAllowed,
+    /// The path has a `.` or `..` segment (400).
+    #[error("dot segment in path")]
+    DotSegment,
     /// The endpoint timeout or the last per-try timeout passed (504).
     #[error("upstream timed out")]
     Timeout,
     /// No node to send to (503).
     #[error("no node available")]
     NoNode,
-    /// Connect failure, reset or other upstream failure (502).
+    /// Connecting to a node failed: nothing was sent (502).
+    #[error("upstream connect failed: {0}")]
+    Connect(BoxError),
+    /// The node reset or broke the exchange (502).
     #[error("upstream failed: {0}")]
     Upstream(BoxError),
     /// A handler panicked (502); the process keeps serving.
@@ -26,13 +49,18 @@ pub enum ProxyError {
 impl ProxyError {
     /// Classifies an error that came out of the middleware chain / client.
     pub fn from_round_trip(err: BoxError) -> Self {
+        let err = match err.downcast::<client::Error>() {
+            Ok(client_error) => return Self::from_client(*client_error),
+            Err(err) => err,
+        };
         let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(err.as_ref());
         while let Some(current) = cause {
             if let Some(client_error) = current.downcast_ref::<client::Error>() {
-                if matches!(client_error, client::Error::NoNode) {
-                    return ProxyError::NoNode;
-                }
-                break;
+                return match client_error {
+                    client::Error::NoNode => ProxyError::NoNode,
+                    client::Error::Connect { .. } => ProxyError::Connect(err),
+                    _ => ProxyError::Upstream(err),
+                };
             }
             if current.is::<tokio::time::error::Elapsed>() {
                 return ProxyError::Timeout;
@@ -46,58 +74,32 @@ impl ProxyError {
     pub fn from_client(err: client::Error) -> Self {
         match err {
             client::Error::NoNode => ProxyError::NoNode,
+            err @ client::Error::Connect { .. } => ProxyError::Connect(Box::new(err)),
             other => ProxyError::Upstream(Box::new(other)),
         }
     }
 
-    /// The HTTP status a downstream client sees.
-    pub fn status(&self) -> StatusCode {
+    /// Which side failed.
+    pub fn side(&self) -> Side {
         match self {
-            ProxyError::ClientGone(_) => {
-                StatusCode::from_u16(499).unwrap_or(StatusCode::BAD_REQUEST)
-            }
-            ProxyError::Timeout => StatusCode::GATEWAY_TIMEOUT,
-            ProxyError::NoNode => StatusCode::SERVICE_UNAVAILABLE,
-            ProxyError::Upstream(_) | ProxyError::Panic => StatusCode::BAD_GATEWAY,
+            ProxyError::ClientGone(_)
+            | ProxyError::NotFound
+            | ProxyError::MethodNotAllowed
+            | ProxyError::DotSegment => Side::Downstream,
+            ProxyError::Timeout
+            | ProxyError::NoNode
+            | ProxyError::Connect(_)
+            | ProxyError::Upstream(_) => Side::Upstream,
+            ProxyError::Panic => Side::Internal,
         }
     }
 
-    fn grpc_status(&self) -> &'static str {
-        match self {
-            ProxyError::ClientGone(_) => "1",                     // CANCELLED
-            ProxyError::Timeout => "4",                           // DEADLINE_EXCEEDED
-            ProxyError::NoNode | ProxyError::Upstream(_) => "14", // UNAVAILABLE
-            ProxyError::Panic => "13",                            // INTERNAL
-        }
+    /// Whether another attempt (on another node, if there is one) may succeed: upstream
+    /// failures and timeouts are, a client that left or a missing node set are not.
+    pub fn is_retryable(&self) -> bool {
+        matches!(
+            self,
+            ProxyError::Timeout | ProxyError::Connect(_) | ProxyError::Upstream(_)
+        )
     }
-}
-
-/// The response for `err`: a plain-text status for HTTP endpoints; for gRPC endpoints a
-/// `200` with `grpc-status` / `grpc-message` headers, as gRPC clients expect.
-pub fn error_response(err: &ProxyError, protocol: configs::Protocol) -> Response<Body> {
-    let status = err.status();
-    if protocol == configs::Protocol::Grpc {
-        let mut response = Response::new(middleware::empty_body());
-        let headers = response.headers_mut();
-        headers.insert(
-            http::header::CONTENT_TYPE,
-            HeaderValue::from_static("application/grpc"),
-        );
-        headers.insert("grpc-status", HeaderValue::from_static(err.grpc_status()));
-        if let Ok(message) = HeaderValue::from_str(&status.to_string()) {
-            headers.insert("grpc-message", message);
-        }
-        return response;
-    }
-    let mut response = Response::new(middleware::full_body(format!(
-        "{} {}\n",
-        status.as_u16(),
-        status.canonical_reason().unwrap_or("Client Closed Request")
-    )));
-    *response.status_mut() = status;
-    response.headers_mut().insert(
-        http::header::CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
-    response
 }

@@ -4,9 +4,12 @@
 //! A config that fails to build leaves the old router serving. A replaced router drains
 //! its in-flight requests (bounded grace) and then closes its clients and middlewares.
 
+mod edge;
 mod endpoint;
 mod error;
 mod headers;
+pub mod metrics;
+mod render;
 mod retry;
 pub mod server;
 
@@ -17,15 +20,17 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use futures_util::FutureExt;
-use http::{Request, Response, StatusCode};
+use http::{Request, Response};
 use http_body_util::BodyExt;
-use middleware::metrics::Metrics;
 use middleware::{Body, BoxError, BuildContext, EndpointInfo, Registry};
 use router::{MuxRouter, RouteMatch, Router};
 use serde::Serialize;
 
-pub use endpoint::EndpointHandler;
-pub use error::{ProxyError, error_response};
+pub use edge::Edge;
+pub use endpoint::{EndpointHandler, EndpointSpec};
+pub use error::{ProxyError, Side};
+pub use metrics::Metrics;
+pub use render::{Dialect, error_response, rendered};
 
 /// How long a replaced router waits for its in-flight requests before closing its clients.
 pub const DEFAULT_CLOSE_GRACE: Duration = Duration::from_secs(30);
@@ -187,17 +192,21 @@ impl Proxy {
         name: &str,
     ) -> Result<Arc<EndpointHandler>, UpdateError> {
         let info = Arc::new(EndpointInfo::from_config(endpoint));
+        let spec = client::ClientSpec {
+            name,
+            protocol: endpoint.protocol,
+            selector: &endpoint.selector,
+            backends: &endpoint.backends,
+            tls_store: &config.tls_store,
+        };
         let client = self
             .clients
-            .build(endpoint, &config.tls_store)
+            .build(&spec)
             .map_err(|source| UpdateError::Client {
                 endpoint: name.into(),
                 source,
             })?;
-        let ctx = BuildContext {
-            endpoint: info.clone(),
-            metrics: self.metrics.clone(),
-        };
+        let ctx = BuildContext::new(info.clone()).with_denials(self.metrics.clone());
         let mut built = Vec::new();
         for entry in config.middlewares.iter().chain(&endpoint.middlewares) {
             match self.middlewares.build(entry, &ctx) {
@@ -221,9 +230,13 @@ impl Proxy {
                 }
             }
         }
+        let spec = EndpointSpec {
+            timeout: endpoint.timeout,
+            retry: endpoint.retry.as_ref(),
+        };
         Ok(Arc::new(EndpointHandler::new(
             info,
-            endpoint,
+            spec,
             client,
             built,
             &self.metrics,
@@ -250,20 +263,26 @@ impl Proxy {
         };
         let path = req.uri().path();
         if has_dot_segment(path) {
-            return plain(
-                StatusCode::BAD_REQUEST,
-                "400 bad request: dot segment in path\n",
-            );
+            return error_response(&ProxyError::DotSegment, Dialect::of_request(&req));
         }
         let handler = match state.router.route(req.method().as_str(), host, path) {
             RouteMatch::Found(handler) => handler.clone(),
-            RouteMatch::NotFound => return plain(StatusCode::NOT_FOUND, "404 page not found\n"),
+            RouteMatch::NotFound => {
+                return error_response(&ProxyError::NotFound, Dialect::of_request(&req));
+            }
             RouteMatch::MethodNotAllowed => {
                 match preflight_method(&req).map(|method| state.router.route(method, host, path)) {
-                    // A CORS preflight goes to the endpoint of the method it asks about, whose
-                    // cors middleware answers it.
-                    Some(RouteMatch::Found(handler)) => handler.clone(),
-                    _ => return plain(StatusCode::METHOD_NOT_ALLOWED, "405 method not allowed\n"),
+                    // A CORS preflight goes to the endpoint of the method it asks about, when
+                    // a middleware there declares that it answers preflights.
+                    Some(RouteMatch::Found(handler)) if handler.answers_preflight() => {
+                        handler.clone()
+                    }
+                    _ => {
+                        return error_response(
+                            &ProxyError::MethodNotAllowed,
+                            Dialect::of_request(&req),
+                        );
+                    }
                 }
             }
         };
@@ -283,7 +302,7 @@ impl Proxy {
             Ok(response) => response,
             Err(_) => {
                 tracing::error!(endpoint = %handler.info().path, "handler panicked");
-                error_response(&ProxyError::Panic, protocol)
+                error_response(&ProxyError::Panic, protocol.into())
             }
         }
     }
@@ -338,12 +357,49 @@ fn request_host<B>(req: &Request<B>) -> &str {
         .unwrap_or("")
 }
 
-pub(crate) fn plain(status: StatusCode, text: &'static str) -> Response<Body> {
-    let mut response = Response::new(middleware::full_body(text));
-    *response.status_mut() = status;
-    response.headers_mut().insert(
-        http::header::CONTENT_TYPE,
-        http::HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
-    response
+#[cfg(test)]
+mod tests {
+    use super::has_dot_segment;
+    use proptest::prelude::*;
+
+    /// The naive reading: percent-decode every segment, then look for `.` and `..`.
+    fn reference(path: &str) -> bool {
+        path.split('/').any(|segment| {
+            let mut decoded = Vec::new();
+            let bytes = segment.as_bytes();
+            let mut i = 0;
+            while i < bytes.len() {
+                let hex = bytes
+                    .get(i + 1..i + 3)
+                    .and_then(|pair| std::str::from_utf8(pair).ok())
+                    .and_then(|pair| u8::from_str_radix(pair, 16).ok());
+                match (bytes[i], hex) {
+                    (b'%', Some(byte)) => {
+                        decoded.push(byte);
+                        i += 3;
+                    }
+                    (byte, _) => {
+                        decoded.push(byte);
+                        i += 1;
+                    }
+                }
+            }
+            decoded == b"." || decoded == b".."
+        })
+    }
+
+    proptest! {
+        #[test]
+        fn dot_segments_match_the_naive_decoder(path in "(/[.%2eEa]{0,6}){1,5}") {
+            prop_assert_eq!(has_dot_segment(&path), reference(&path), "path {}", path);
+        }
+
+        #[test]
+        fn any_path_is_judged_without_panicking(path in "\\PC{0,64}") {
+            let refused = has_dot_segment(&path);
+            if !path.contains('.') && !path.contains('%') {
+                prop_assert!(!refused);
+            }
+        }
+    }
 }

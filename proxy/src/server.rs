@@ -1,21 +1,17 @@
 //! The downstream HTTP server: HTTP/1.1 and h2c on one port, with bounded limits and
 //! graceful shutdown.
 
-use std::convert::Infallible;
-use std::future::Future;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures_util::FutureExt;
-use http::{Request, Response};
+use http::Request;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
-use middleware::Body;
-use middleware::metrics::Metrics;
+
+use crate::edge::Edge;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -50,17 +46,13 @@ impl Default for ServerOptions {
 }
 
 /// Accepts connections on `listener` until `shutdown`, then stops accepting and waits up to
-/// `shutdown_grace` for open requests to finish. `handler` never fails.
-pub async fn serve<F, Fut>(
+/// `shutdown_grace` for open requests to finish. Every request enters `edge`.
+pub async fn serve(
     listener: TcpListener,
     options: ServerOptions,
-    metrics: Option<Arc<Metrics>>,
-    handler: F,
+    edge: Arc<Edge>,
     shutdown: CancellationToken,
-) where
-    F: Fn(Request<Incoming>, SocketAddr) -> Fut + Clone + Send + Sync + 'static,
-    Fut: Future<Output = Response<Body>> + Send + 'static,
-{
+) {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
@@ -90,24 +82,20 @@ pub async fn serve<F, Fut>(
             }
         };
         let _ = stream.set_nodelay(true);
-        let handler = handler.clone();
+        let service_edge = edge.clone();
         let service =
-            service_fn(move |req: Request<Incoming>| handler(req, remote).map(infallible));
+            service_fn(move |req: Request<Incoming>| service_edge.clone().call(req, remote));
         let connection = builder
             .serve_connection(TokioIo::new(stream), service)
             .into_owned();
         let connection = graceful.watch(connection);
-        let metrics = metrics.clone();
+        let connections = edge.metrics().connections.clone();
         tokio::spawn(async move {
-            if let Some(metrics) = &metrics {
-                metrics.connections.inc();
-            }
+            connections.inc();
             if let Err(err) = connection.await {
                 tracing::debug!(%remote, %err, "connection ended with an error");
             }
-            if let Some(metrics) = &metrics {
-                metrics.connections.dec();
-            }
+            connections.dec();
         });
     }
     drop(listener);
@@ -117,10 +105,4 @@ pub async fn serve<F, Fut>(
             tracing::warn!("shutdown grace elapsed with requests still open");
         }
     }
-}
-
-/// Wraps an always-produced response for hyper's `Service` (a named fn: a closure here
-/// trips the compiler's higher-ranked inference).
-fn infallible(response: Response<Body>) -> Result<Response<Body>, Infallible> {
-    Ok(response)
 }

@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use clap::Parser;
@@ -84,30 +84,34 @@ impl Upstream {
         }
     }
 
-    /// An upstream answering 200 with body `name` and header `x-upstream: name`; it also
-    /// reports what it saw: `x-seen-path` (path and query), `x-seen-host`, `x-seen-xff`.
+    /// An upstream answering 200 with body `name` and header `x-upstream: name` that
+    /// reports the path and query it saw (`x-seen-path`), `Host` (`x-seen-host`) and
+    /// `X-Forwarded-For` (`x-seen-x-forwarded-for`).
     pub async fn named(name: &str) -> Upstream {
+        Upstream::reporting(name, &["host", "x-forwarded-for"]).await
+    }
+
+    /// An upstream answering 200 with body `name` and header `x-upstream: name` that
+    /// reports what it saw: `x-seen-path` (path and query) and, for each header in
+    /// `headers`, `x-seen-{header}` with all its values joined by `,` (`-` when absent).
+    pub async fn reporting(name: &str, headers: &[&str]) -> Upstream {
         let name = name.to_string();
+        let headers: Arc<[String]> = headers.iter().map(|h| h.to_ascii_lowercase()).collect();
         Upstream::start(move |req: Request<Incoming>| {
-            let name = name.clone();
+            let (name, headers) = (name.clone(), headers.clone());
             async move {
-                let seen = |h: &str| {
-                    req.headers()
-                        .get(h)
-                        .and_then(|v| v.to_str().ok())
-                        .unwrap_or("")
-                        .to_string()
-                };
-                Response::builder()
-                    .header("x-upstream", &name)
-                    .header(
-                        "x-seen-path",
-                        req.uri().path_and_query().map_or("", |p| p.as_str()),
-                    )
-                    .header("x-seen-host", seen("host"))
-                    .header("x-seen-xff", seen("x-forwarded-for"))
-                    .body(text(name))
-                    .expect("response")
+                let mut response = Response::builder().header("x-upstream", &name).header(
+                    "x-seen-path",
+                    req.uri().path_and_query().map_or("", |p| p.as_str()),
+                );
+                for header in headers.iter() {
+                    let seen = match header_values(req.headers(), header) {
+                        values if values.is_empty() => "-".to_string(),
+                        values => values,
+                    };
+                    response = response.header(format!("x-seen-{header}"), seen);
+                }
+                response.body(text(name)).expect("response")
             }
         })
         .await
@@ -201,6 +205,11 @@ impl TestGateway {
         format!("http://{}{}", self.addr, path)
     }
 
+    /// The `/metrics` page (see [`crate::metrics`] to read values from it).
+    pub async fn metrics(&self) -> String {
+        get(&self.url("/metrics")).await.body
+    }
+
     /// Replaces the config file (the gateway picks it up at its next poll).
     pub fn write_config(&self, yaml: &str) {
         let tmp = self.dir.path().join(".gateway.yaml.tmp");
@@ -243,6 +252,29 @@ impl Reply {
             .and_then(|v| v.to_str().ok())
             .unwrap_or("")
     }
+
+    /// Every value of header `name`, joined by `,` ("" when absent).
+    pub fn header_values(&self, name: &str) -> String {
+        header_values(&self.headers, name)
+    }
+}
+
+/// Every value of header `name` in `headers`, joined by `,` ("" when absent).
+pub fn header_values(headers: &HeaderMap, name: &str) -> String {
+    headers
+        .get_all(name)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// A port on 127.0.0.1 that nothing listens on (bound, then released).
+pub fn unused_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .expect("bind 127.0.0.1:0")
+        .port()
 }
 
 /// A plain HTTP/1.1 client with a connection pool.
@@ -250,20 +282,22 @@ pub fn http_client() -> Client<HttpConnector, Full<Bytes>> {
     Client::builder(TokioExecutor::new()).build(HttpConnector::new())
 }
 
-/// Sends `req` and reads the whole response (10 s limit).
+/// Sends `req` and reads the whole response (10 s limit for both).
 pub async fn send(req: Request<Full<Bytes>>) -> Reply {
     let client = http_client();
-    let response = tokio::time::timeout(Duration::from_secs(10), client.request(req))
+    let exchange = async {
+        let response = client.request(req).await.expect("request sent");
+        let (parts, body) = response.into_parts();
+        let body = body.collect().await.expect("body read").to_bytes();
+        Reply {
+            status: parts.status.as_u16(),
+            headers: parts.headers,
+            body: String::from_utf8_lossy(&body).into_owned(),
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), exchange)
         .await
-        .expect("response within 10 s")
-        .expect("request sent");
-    let (parts, body) = response.into_parts();
-    let body = body.collect().await.expect("body read").to_bytes();
-    Reply {
-        status: parts.status.as_u16(),
-        headers: parts.headers,
-        body: String::from_utf8_lossy(&body).into_owned(),
-    }
+        .expect("whole response within 10 s")
 }
 
 /// GET `url`.
@@ -278,22 +312,4 @@ pub async fn get_with(url: &str, headers: &[(&str, &str)]) -> Reply {
         req = req.header(*name, *value);
     }
     send(req.body(Full::default()).expect("request")).await
-}
-
-/// Polls `check` every 20 ms until it returns true or `timeout` passes; returns whether it held.
-pub async fn eventually<F, Fut>(timeout: Duration, mut check: F) -> bool
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = bool>,
-{
-    let deadline = Instant::now() + timeout;
-    loop {
-        if check().await {
-            return true;
-        }
-        if Instant::now() >= deadline {
-            return false;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }

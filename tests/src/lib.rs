@@ -1,4 +1,9 @@
 //! Shared helpers for the end-to-end tests.
+pub mod config;
 pub mod consul;
+pub mod embedded;
 pub mod etcd;
+pub mod eventually;
 pub mod harness;
+pub mod metrics;
+pub mod watch;

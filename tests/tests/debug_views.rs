@@ -7,16 +7,17 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
-use tests::harness::{Reply, TestGateway, Upstream, eventually, get, get_with};
+use tests::assert_eventually;
+use tests::config::endpoint;
+use tests::eventually::expect_eq;
+use tests::harness::{Reply, TestGateway, Upstream, get, get_with};
 
 const PATIENCE: Duration = Duration::from_secs(5);
 
 fn config(version: &str, endpoints: &[(&str, &str)]) -> String {
     let mut yaml = format!("name: debug-test\nversion: {version}\nendpoints:\n");
     for (path, target) in endpoints {
-        yaml.push_str(&format!(
-            "  - path: {path}\n    method: GET\n    backends:\n      - target: {target}\n"
-        ));
+        yaml.push_str(&endpoint(path, target, "    method: GET\n"));
     }
     yaml
 }
@@ -130,11 +131,12 @@ async fn config_inspect_follows_reloads_and_errors() {
     );
 
     gw.write_config(&config("v2", &[("/b", "127.0.0.1:9")]));
-    let reloaded = eventually(PATIENCE, || async {
-        get_json(&gw, "/debug/config/inspect").await.1["reloads"] == 1
-    })
-    .await;
-    assert!(reloaded, "reloads never reached 1");
+    assert_eventually!(PATIENCE, "config/inspect counts 1 reload", || async {
+        expect_eq(
+            get_json(&gw, "/debug/config/inspect").await.1["reloads"].clone(),
+            1,
+        )
+    });
     let (_, inspect) = get_json(&gw, "/debug/config/inspect").await;
     assert_eq!(inspect["sha256"], sha256_of(&gw.conf));
     assert_eq!(inspect["version"], "v2");
@@ -146,11 +148,18 @@ async fn config_inspect_follows_reloads_and_errors() {
 
     let good_sha = sha256_of(&gw.conf);
     gw.write_config("name: broken\nendpoints: [\n");
-    let failed = eventually(PATIENCE, || async {
-        get_json(&gw, "/debug/config/inspect").await.1["last_error"].is_string()
-    })
-    .await;
-    assert!(failed, "last_error never set after a broken file");
+    assert_eventually!(
+        PATIENCE,
+        "config/inspect shows a last_error after a broken file",
+        || async {
+            let (_, inspect) = get_json(&gw, "/debug/config/inspect").await;
+            if inspect["last_error"].is_string() {
+                Ok(())
+            } else {
+                Err(inspect)
+            }
+        }
+    );
     let (_, inspect) = get_json(&gw, "/debug/config/inspect").await;
     assert_eq!(inspect["sha256"], good_sha, "the config in force stays");
     assert_eq!(inspect["version"], "v2");
@@ -183,11 +192,12 @@ async fn config_load_is_the_config_in_force() {
         "v2",
         &[("/a/*", &a.target()), ("/b/*", &b.target())],
     ));
-    let changed = eventually(PATIENCE, || async {
-        get_json(&gw, "/debug/config/load").await.1["version"] == "v2"
-    })
-    .await;
-    assert!(changed, "config/load never showed v2");
+    assert_eventually!(PATIENCE, "config/load shows version v2", || async {
+        expect_eq(
+            get_json(&gw, "/debug/config/load").await.1["version"].clone(),
+            "v2",
+        )
+    });
     let (_, load) = get_json(&gw, "/debug/config/load").await;
     let targets: Vec<(&str, &str)> = load["endpoints"]
         .as_array()
@@ -234,14 +244,14 @@ async fn router_inspect_lists_routes_with_backends() {
     );
 
     gw.write_config(&config("r2", &[("/only", &a.target())]));
-    let replaced = eventually(PATIENCE, || async {
+    assert_eventually!(PATIENCE, "router inspect shows only /only", || async {
         let (_, routes) = get_json(&gw, "/debug/proxy/router/inspect").await;
-        routes
+        let paths: Vec<Value> = routes
             .as_array()
-            .is_some_and(|r| r.len() == 1 && r[0]["path"] == "/only")
-    })
-    .await;
-    assert!(replaced, "router inspect never showed the new routes");
+            .map(|r| r.iter().map(|route| route["path"].clone()).collect())
+            .unwrap_or_default();
+        expect_eq(paths, vec![json!("/only")])
+    });
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

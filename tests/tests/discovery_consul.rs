@@ -4,9 +4,11 @@
 use std::time::{Duration, Instant};
 
 use discovery::consul::ConsulDiscovery;
-use discovery::{Discovery, ServiceInstance, Watcher};
+use discovery::{Discovery, ServiceInstance};
 use serde_json::json;
 use tests::consul::ConsulDouble;
+use tests::harness::unused_port;
+use tests::watch::{Latencies, ids, next_within};
 
 /// Blocking queries in these tests wait this long, so a change that is only seen when the
 /// wait runs out (instead of waking the query) shows up as a failure.
@@ -26,21 +28,6 @@ fn kratos(name: &str, id: &str, port: u16) -> ServiceInstance {
             format!("http://127.0.0.1:{port}?isSecure=false"),
             format!("grpc://127.0.0.1:{}", port + 1000),
         ],
-    }
-}
-
-fn ids(instances: &[ServiceInstance]) -> Vec<&str> {
-    instances
-        .iter()
-        .map(|instance| instance.id.as_str())
-        .collect()
-}
-
-async fn next_within(watcher: &mut Box<dyn Watcher>, limit: Duration) -> Vec<ServiceInstance> {
-    match tokio::time::timeout(limit, watcher.next()).await {
-        Ok(Ok(snapshot)) => snapshot,
-        Ok(Err(error)) => panic!("watcher returned an error: {error}"),
-        Err(_) => panic!("no snapshot within {limit:?}"),
     }
 }
 
@@ -144,15 +131,9 @@ async fn change_to_snapshot_latency() {
         samples.push(started.elapsed());
         assert_eq!(snapshot.len(), usize::from(round) + 1);
     }
-    samples.sort();
-    eprintln!(
-        "consul double change -> snapshot latency over {} registrations: min {:?}, median {:?}, max {:?}",
-        samples.len(),
-        samples[0],
-        samples[samples.len() / 2],
-        samples[samples.len() - 1]
-    );
-    assert!(samples[samples.len() / 2] < Duration::from_millis(200));
+    let latencies = Latencies::of(&samples);
+    eprintln!("consul double change -> snapshot latency {latencies}");
+    assert!(latencies.median < Duration::from_millis(200), "{latencies}");
 }
 
 #[tokio::test]
@@ -384,10 +365,7 @@ async fn registry_errors_surface_then_recover() {
     );
 
     // A registry that is not there at all is an error, not a hang.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|listener| listener.local_addr())
-        .expect("bind")
-        .port();
+    let port = unused_port();
     let nowhere = ConsulDiscovery::new(format!("127.0.0.1:{port}"), None, None);
     let result = tokio::time::timeout(Duration::from_secs(5), nowhere.get_service("x")).await;
     assert!(

@@ -3,49 +3,16 @@
 
 use std::time::{Duration, Instant};
 
+use discovery::Discovery;
 use discovery::etcd::EtcdDiscovery;
-use discovery::{Discovery, ServiceInstance, Watcher};
 use tests::etcd::{EtcdServer, instance, instance_key};
+use tests::harness::unused_port;
+use tests::watch::{Latencies, ids, next_within, wait_for};
 
 const NAMESPACE: &str = "/microservices";
 
 fn discovery_for(etcd: &EtcdServer) -> EtcdDiscovery {
     EtcdDiscovery::new(vec![etcd.endpoint()], NAMESPACE.to_string())
-}
-
-fn ids(instances: &[ServiceInstance]) -> Vec<&str> {
-    instances
-        .iter()
-        .map(|instance| instance.id.as_str())
-        .collect()
-}
-
-/// The next snapshot, which must arrive within `limit` and be Ok.
-async fn next_within(watcher: &mut Box<dyn Watcher>, limit: Duration) -> Vec<ServiceInstance> {
-    match tokio::time::timeout(limit, watcher.next()).await {
-        Ok(Ok(snapshot)) => snapshot,
-        Ok(Err(error)) => panic!("watcher returned an error: {error}"),
-        Err(_) => panic!("no snapshot within {limit:?}"),
-    }
-}
-
-/// Calls `next()` (errors allowed) until a snapshot satisfies `wanted`, within `limit`.
-async fn wait_for(
-    watcher: &mut Box<dyn Watcher>,
-    limit: Duration,
-    wanted: impl Fn(&[ServiceInstance]) -> bool,
-) -> (Vec<ServiceInstance>, usize) {
-    let deadline = Instant::now() + limit;
-    let mut errors = 0;
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        match tokio::time::timeout(left, watcher.next()).await {
-            Ok(Ok(snapshot)) if wanted(&snapshot) => return (snapshot, errors),
-            Ok(Ok(_)) => {}
-            Ok(Err(_)) => errors += 1,
-            Err(_) => panic!("no wanted snapshot within {limit:?} ({errors} errors seen)"),
-        }
-    }
 }
 
 #[tokio::test]
@@ -142,15 +109,9 @@ async fn put_to_snapshot_latency() {
                 .any(|instance| instance.endpoints[0].contains(&format!(":{}", 2000 + round)))
         );
     }
-    samples.sort();
-    eprintln!(
-        "etcd put -> snapshot latency over {} puts: min {:?}, median {:?}, max {:?}",
-        samples.len(),
-        samples[0],
-        samples[samples.len() / 2],
-        samples[samples.len() - 1]
-    );
-    assert!(samples[samples.len() / 2] < Duration::from_millis(200));
+    let latencies = Latencies::of(&samples);
+    eprintln!("etcd put -> snapshot latency {latencies}");
+    assert!(latencies.median < Duration::from_millis(200), "{latencies}");
 }
 
 #[tokio::test]
@@ -331,11 +292,7 @@ async fn compaction_past_the_watch_revision_lists_again() {
 
 #[tokio::test]
 async fn unreachable_etcd_is_an_error_not_a_hang() {
-    // A port nothing listens on.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|listener| listener.local_addr())
-        .expect("bind")
-        .port();
+    let port = unused_port();
     let discovery = EtcdDiscovery::new(vec![format!("127.0.0.1:{port}")], NAMESPACE.to_string());
     let started = Instant::now();
     let result = tokio::time::timeout(Duration::from_secs(10), discovery.get_service("x")).await;

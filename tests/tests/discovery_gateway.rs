@@ -6,20 +6,20 @@ use std::time::{Duration, Instant};
 
 use tests::consul::ConsulDouble;
 use tests::etcd::{EtcdServer, instance};
-use tests::harness::{TestGateway, Upstream, eventually, get};
+use tests::eventually::expect_eq;
+use tests::harness::{TestGateway, Upstream, get};
+use tests::{assert_eventually, config};
 
 const NS: &str = "/microservices";
 
-fn config(service: &str, extra_path: Option<&str>) -> String {
-    let mut yaml = format!(
-        "name: d\nendpoints:\n  - path: /svc/*\n    timeout: 2s\n    backends:\n      - target: discovery:///{service}\n"
-    );
+/// A gateway config proxying `/svc/*` (and `extra_path`) to `discovery:///{service}`.
+fn watching(service: &str, extra_path: Option<&str>) -> String {
+    let target = format!("discovery:///{service}");
+    let mut endpoints = vec![config::endpoint("/svc/*", &target, "    timeout: 2s\n")];
     if let Some(path) = extra_path {
-        yaml.push_str(&format!(
-            "  - path: {path}\n    backends:\n      - target: discovery:///{service}\n"
-        ));
+        endpoints.push(config::endpoint(path, &target, ""));
     }
-    yaml
+    config::gateway(&endpoints)
 }
 
 /// Sends `n` requests and counts answers by upstream name (`x-upstream`), or by status
@@ -37,9 +37,17 @@ async fn spread(gw: &TestGateway, path: &str, n: usize) -> BTreeMap<String, usiz
     seen
 }
 
-async fn only(gw: &TestGateway, path: &str, names: &[&str]) -> bool {
+/// `Ok` when 20 requests were answered by exactly the upstreams `names` (each at least
+/// once); otherwise what answered.
+async fn only(gw: &TestGateway, path: &str, names: &[&str]) -> Result<(), String> {
     let seen = spread(gw, path, 20).await;
-    seen.keys().all(|k| names.contains(&k.as_str())) && names.iter().all(|n| seen.contains_key(*n))
+    let exact = seen.keys().all(|k| names.contains(&k.as_str()))
+        && names.iter().all(|n| seen.contains_key(*n));
+    if exact {
+        Ok(())
+    } else {
+        Err(format!("answered by {seen:?}, want only {names:?}"))
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -55,7 +63,7 @@ async fn etcd_registry_drives_traffic() {
     etcd.put_instance(NS, &instance("hello", "b", &b.target()))
         .await;
     let dsn = format!("etcd://{}?namespace={NS}", etcd.endpoint());
-    let gw = TestGateway::start_with(&config("hello", None), &["--discovery", &dsn])
+    let gw = TestGateway::start_with(&watching("hello", None), &["--discovery", &dsn])
         .await
         .unwrap();
 
@@ -69,10 +77,11 @@ async fn etcd_registry_drives_traffic() {
     // Deregister b: within 1 s no request goes to it.
     etcd.delete_instance(NS, "hello", "b").await;
     let start = Instant::now();
-    assert!(
-        eventually(Duration::from_secs(1), || only(&gw, "/svc/x", &["a"])).await,
-        "b drained"
-    );
+    assert_eventually!(Duration::from_secs(1), "b drained", || only(
+        &gw,
+        "/svc/x",
+        &["a"]
+    ));
     eprintln!("etcd delete -> traffic drained in {:?}", start.elapsed());
 
     // Register c: it gets traffic; measure put -> first request routed to it.
@@ -115,26 +124,23 @@ async fn etcd_registry_drives_traffic() {
 
     // Kill etcd: the last known nodes keep serving.
     etcd.kill();
-    assert!(
-        only(&gw, "/svc/x", &["a", "c"]).await,
-        "last known nodes serve during an outage"
-    );
+    let outage = only(&gw, "/svc/x", &["a", "c"]).await;
+    assert_eq!(outage, Ok(()), "last known nodes serve during an outage");
     // Restart it and change the set: the watcher reconnects and follows.
     etcd.restart().await;
     etcd.delete_instance(NS, "hello", "a").await;
-    assert!(
-        eventually(Duration::from_secs(8), || only(&gw, "/svc/x", &["c"])).await,
-        "the watcher recovered after the restart"
+    assert_eventually!(
+        Duration::from_secs(8),
+        "the watcher recovered after the restart",
+        || only(&gw, "/svc/x", &["c"])
     );
 
     // Zero instances: 503.
     etcd.delete_instance(NS, "hello", "c").await;
-    assert!(
-        eventually(Duration::from_secs(2), || async {
-            get(&gw.url("/svc/x")).await.status == 503
-        })
-        .await,
-        "an empty registry empties the node set"
+    assert_eventually!(
+        Duration::from_secs(2),
+        "an empty registry empties the node set (503)",
+        || async { expect_eq(get(&gw.url("/svc/x")).await.status, 503) }
     );
 }
 
@@ -145,18 +151,16 @@ async fn reload_keeps_one_watch_and_its_nodes() {
     etcd.put_instance(NS, &instance("kept", "a", &a.target()))
         .await;
     let dsn = format!("etcd://{}", etcd.endpoint());
-    let gw = TestGateway::start_with(&config("kept", None), &["--discovery", &dsn])
+    let gw = TestGateway::start_with(&watching("kept", None), &["--discovery", &dsn])
         .await
         .unwrap();
     assert_eq!(get(&gw.url("/svc/1")).await.body, "a");
 
-    gw.write_config(&config("kept", Some("/second/*")));
-    assert!(
-        eventually(Duration::from_secs(2), || async {
-            get(&gw.url("/second/x")).await.body == "a"
-        })
-        .await,
-        "the new endpoint shares the watch and has its nodes at once"
+    gw.write_config(&watching("kept", Some("/second/*")));
+    assert_eventually!(
+        Duration::from_secs(2),
+        "the new endpoint shares the watch and has its nodes at once",
+        || async { expect_eq(get(&gw.url("/second/x")).await.body, "a") }
     );
     assert_eq!(get(&gw.url("/svc/1")).await.body, "a");
     let appliers: serde_json::Value = serde_json::from_str(
@@ -202,7 +206,7 @@ async fn consul_registry_drives_traffic() {
         .register_kratos(&instance("hello", "b", &b.target()))
         .await;
     let dsn = format!("consul://{}", consul.address());
-    let gw = TestGateway::start_with(&config("hello", None), &["--discovery", &dsn])
+    let gw = TestGateway::start_with(&watching("hello", None), &["--discovery", &dsn])
         .await
         .unwrap();
     let seen = spread(&gw, "/svc/x", 30).await;
@@ -210,12 +214,17 @@ async fn consul_registry_drives_traffic() {
 
     // A check turning critical removes the instance (passing only).
     consul.fail("service:b").await;
-    assert!(
-        eventually(Duration::from_secs(1), || only(&gw, "/svc/x", &["a"])).await,
-        "critical b drained"
-    );
+    assert_eventually!(Duration::from_secs(1), "critical b drained", || only(
+        &gw,
+        "/svc/x",
+        &["a"]
+    ));
     consul.pass("service:b").await;
-    assert!(eventually(Duration::from_secs(1), || only(&gw, "/svc/x", &["a", "b"])).await);
+    assert_eventually!(
+        Duration::from_secs(1),
+        "b serves again once passing",
+        || { only(&gw, "/svc/x", &["a", "b"]) }
+    );
 
     // A new registration: measure change -> first request routed to it.
     let start = Instant::now();
@@ -238,21 +247,19 @@ async fn consul_registry_drives_traffic() {
     tokio::time::sleep(Duration::from_millis(200)).await;
     consul.set_index(1);
     consul.deregister("a").await;
-    assert!(
-        eventually(Duration::from_secs(3), || only(&gw, "/svc/x", &["b", "c"])).await,
-        "changes after the index went backwards are followed"
+    assert_eventually!(
+        Duration::from_secs(3),
+        "changes after the index went backwards are followed",
+        || only(&gw, "/svc/x", &["b", "c"])
     );
 
     // A failing registry keeps the last nodes.
     consul.fail_next(3);
-    assert!(only(&gw, "/svc/x", &["b", "c"]).await);
+    let failing = only(&gw, "/svc/x", &["b", "c"]).await;
+    assert_eq!(failing, Ok(()), "a failing registry keeps the last nodes");
     consul.deregister("b").await;
     consul.deregister("c").await;
-    assert!(
-        eventually(Duration::from_secs(8), || async {
-            get(&gw.url("/svc/x")).await.status == 503
-        })
-        .await,
-        "zero instances: 503"
-    );
+    assert_eventually!(Duration::from_secs(8), "zero instances: 503", || async {
+        expect_eq(get(&gw.url("/svc/x")).await.status, 503)
+    });
 }

@@ -4,20 +4,11 @@ use std::time::Duration;
 
 use http::{Request, Response};
 use hyper::body::Incoming;
-use tests::harness::{TestGateway, Upstream, eventually, get, text};
+use tests::assert_eventually;
+use tests::eventually::expect_eq;
+use tests::harness::{TestGateway, Upstream, get, text};
+use tests::metrics::sum;
 use tokio::io::AsyncWriteExt;
-
-fn metric(page: &str, family: &str, labels: &[(&str, &str)]) -> Option<f64> {
-    page.lines()
-        .filter(|line| line.starts_with(family) && !line.starts_with('#'))
-        .filter(|line| {
-            labels
-                .iter()
-                .all(|(k, v)| line.contains(&format!("{k}=\"{v}\"")))
-        })
-        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
-        .reduce(|a, b| a + b)
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn request_mix_is_counted_by_endpoint_pattern() {
@@ -61,31 +52,28 @@ async fn request_mix_is_counted_by_endpoint_pattern() {
     let code = |page: &str, code: &str| {
         let mut with_code = labels.to_vec();
         with_code.push(("code", code));
-        metric(page, "gateway_requests_code_total", &with_code)
+        sum(page, "gateway_requests_code_total", &with_code)
     };
-    let url = gw.url("/metrics");
-    assert!(
-        eventually(Duration::from_secs(2), || async {
-            code(&get(&url).await.body, "499") == Some(1.0)
-        })
-        .await,
-        "the abandoned request is counted as 499"
+    assert_eventually!(
+        Duration::from_secs(2),
+        "the abandoned request is counted as 499",
+        || async { expect_eq(code(&gw.metrics().await, "499"), Some(1.0)) }
     );
-    let page = get(&url).await.body;
+    let page = gw.metrics().await;
     assert_eq!(code(&page, "200"), Some(3.0), "{page}");
     assert_eq!(code(&page, "404"), Some(2.0));
     assert_eq!(
-        metric(&page, "gateway_requests_duration_seconds_count", &labels),
+        sum(&page, "gateway_requests_duration_seconds_count", &labels),
         Some(6.0)
     );
     assert_eq!(
-        metric(&page, "gateway_requests_tx_bytes", &labels),
+        sum(&page, "gateway_requests_tx_bytes", &labels),
         Some(3.0 * 5.0 + 2.0 * 4.0)
     );
     assert!(!page.contains("/api/a\""), "raw URLs never become labels");
     assert!(page.contains("gateway_connections"));
     assert_eq!(
-        metric(&page, "gateway_requests_in_flight", &[]),
+        sum(&page, "gateway_requests_in_flight", &[]),
         Some(0.0),
         "the abandoned request left no slot behind"
     );

@@ -10,15 +10,12 @@ use bytes::Bytes;
 use http::{Request, Response};
 use http_body_util::{BodyExt, Full, StreamBody};
 use hyper::body::{Frame, Incoming};
-use tests::harness::{TestGateway, Upstream, eventually, get, get_with, http_client, send, text};
+use tests::assert_eventually;
+use tests::config::single;
+use tests::eventually::expect_eq;
+use tests::harness::{TestGateway, Upstream, get, get_with, http_client, send, text, unused_port};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-
-fn single(path: &str, target: &str, extra: &str) -> String {
-    format!(
-        "name: t\nendpoints:\n  - path: {path}\n{extra}    backends:\n      - target: {target}\n"
-    )
-}
 
 async fn status_upstream(status: u16, name: &'static str) -> Upstream {
     Upstream::start(move |_req: Request<Incoming>| async move {
@@ -131,24 +128,21 @@ async fn endpoint_timeout_is_504() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dead_backend_is_502() {
-    let port = {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        listener.local_addr().unwrap().port()
-    };
-    let gw = TestGateway::start(&single("/dead", &format!("127.0.0.1:{port}"), "")).await;
+    let gw = TestGateway::start(&single(
+        "/dead",
+        &format!("127.0.0.1:{}", unused_port()),
+        "",
+    ))
+    .await;
     let reply = get(&gw.url("/dead")).await;
     assert_eq!(reply.status, 502, "{reply:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn grpc_errors_carry_grpc_status() {
-    let port = {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        listener.local_addr().unwrap().port()
-    };
     let gw = TestGateway::start(&single(
         "/helloworld.Greeter/*",
-        &format!("127.0.0.1:{port}"),
+        &format!("127.0.0.1:{}", unused_port()),
         "    protocol: GRPC\n",
     ))
     .await;
@@ -268,9 +262,10 @@ async fn hop_by_hop_headers_are_stripped_both_ways() {
 async fn forwarded_for_is_appended() {
     let upstream = Upstream::named("u").await;
     let gw = TestGateway::start(&single("/x", &upstream.target(), "")).await;
-    assert_eq!(get(&gw.url("/x")).await.header("x-seen-xff"), "127.0.0.1");
+    let xff = "x-seen-x-forwarded-for";
+    assert_eq!(get(&gw.url("/x")).await.header(xff), "127.0.0.1");
     let reply = get_with(&gw.url("/x"), &[("x-forwarded-for", "10.1.1.1")]).await;
-    assert_eq!(reply.header("x-seen-xff"), "10.1.1.1, 127.0.0.1");
+    assert_eq!(reply.header(xff), "10.1.1.1, 127.0.0.1");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -286,12 +281,10 @@ async fn hot_reload_applies_good_files_and_keeps_serving_on_broken_ones() {
     ));
     // The interval is 100 ms: the new route serves within two intervals (with slack).
     let url = gw.url("/b");
-    assert!(
-        eventually(Duration::from_millis(800), || async {
-            get(&url).await.body == "b"
-        })
-        .await,
-        "new route served after reload"
+    assert_eventually!(
+        Duration::from_millis(800),
+        "the new route /b serves after the reload",
+        || async { expect_eq(get(&url).await.body, "b") }
     );
     gw.write_config("name: t\nendpoints:\n  - path: /a\n    bakends: []\n");
     tokio::time::sleep(Duration::from_millis(400)).await;

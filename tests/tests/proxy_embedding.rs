@@ -2,27 +2,13 @@
 //! update leaving the old router in place.
 
 use std::net::SocketAddr;
-use std::path::Path;
-use std::sync::Arc;
 
 use http::{Request, Response};
 use http_body_util::{BodyExt, Full};
-use middleware::metrics::Metrics;
 use middleware::{BuildError, Middleware, Registry};
 use proxy::Proxy;
+use tests::embedded::{parse, proxy_with};
 use tests::harness::Upstream;
-
-fn proxy_with(registry: Registry) -> Proxy {
-    Proxy::new(
-        client::Factory::new(Default::default(), None),
-        registry,
-        Arc::new(Metrics::new()),
-    )
-}
-
-fn config(yaml: &str) -> configs::Gateway {
-    configs::parse(yaml, Path::new("inline.yaml")).expect("valid config")
-}
 
 async fn call(proxy: &Proxy, path: &str) -> (u16, String) {
     let peer: SocketAddr = "127.0.0.1:40000".parse().unwrap();
@@ -74,7 +60,7 @@ async fn a_panic_becomes_502_and_the_proxy_keeps_serving() {
     registry.register("boom", panicking);
     let proxy = proxy_with(registry);
     proxy
-        .update(&config(&format!(
+        .update(&parse(&format!(
             "endpoints:\n  - path: /boom\n    middlewares: [{{name: boom}}]\n    backends: [{{target: {t}}}]\n  - path: /ok\n    backends: [{{target: {t}}}]\n",
             t = upstream.target()
         )))
@@ -91,14 +77,14 @@ async fn a_failed_update_keeps_the_old_router() {
     registry.register("strict", refusing);
     let proxy = proxy_with(registry);
     proxy
-        .update(&config(&format!(
+        .update(&parse(&format!(
             "endpoints:\n  - path: /old\n    backends: [{{target: {}}}]\n",
             upstream.target()
         )))
         .unwrap();
     // An unknown middleware that is not required is skipped.
     proxy
-        .update(&config(&format!(
+        .update(&parse(&format!(
             "endpoints:\n  - path: /old\n    middlewares: [{{name: nosuch}}]\n    backends: [{{target: {}}}]\n",
             upstream.target()
         )))
@@ -107,7 +93,7 @@ async fn a_failed_update_keeps_the_old_router() {
     // A required unknown one, and one whose build fails, fail the whole update.
     for middleware in ["{name: nosuch, required: true}", "{name: strict}"] {
         let err = proxy
-            .update(&config(&format!(
+            .update(&parse(&format!(
                 "endpoints:\n  - path: /new\n    middlewares: [{middleware}]\n    backends: [{{target: {}}}]\n",
                 upstream.target()
             )))

@@ -1,10 +1,13 @@
 //! Routing through the real gateway: path forms, methods, hosts, 404 and 405.
 
+use tests::config;
 use tests::harness::{TestGateway, Upstream, get, get_with, send};
 
 fn endpoint(path: &str, method: &str, host: &str, target: &str) -> String {
-    format!(
-        "  - path: {path}\n    method: {method:?}\n    host: {host:?}\n    backends:\n      - target: {target}\n"
+    config::endpoint(
+        path,
+        target,
+        &format!("    method: {method:?}\n    host: {host:?}\n"),
     )
 }
 
@@ -99,10 +102,12 @@ async fn path_forms_methods_and_hosts() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dot_segments_are_refused() {
     let upstream = Upstream::named("u").await;
-    let gw = TestGateway::start(&format!(
-        "name: t\nendpoints:\n{}",
-        endpoint("/public/*", "GET", "", &upstream.target())
-    ))
+    let gw = TestGateway::start(&config::gateway(&[endpoint(
+        "/public/*",
+        "GET",
+        "",
+        &upstream.target(),
+    )]))
     .await;
     for path in [
         "/public/../admin",
@@ -124,9 +129,11 @@ async fn dot_segments_are_refused() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cors_preflight_reaches_the_endpoint_of_the_requested_method() {
     let upstream = Upstream::named("u").await;
-    let gw = TestGateway::start(&format!(
-        "name: t\nendpoints:\n  - path: /api/items\n    method: GET\n    middlewares:\n      - name: cors\n        options: {{allowOrigins: [\"https://app.example.com\"]}}\n    backends:\n      - target: {}\n",
-        upstream.target()
+    let cors = config::middleware("cors", "{allowOrigins: [\"https://app.example.com\"]}");
+    let gw = TestGateway::start(&config::single(
+        "/api/items",
+        &upstream.target(),
+        &format!("    method: GET\n{}", config::middlewares(&cors)),
     ))
     .await;
     let preflight = send(
