@@ -42,7 +42,7 @@ fn parse_target(target: &str) -> Result<Target, BuildError> {
             return Err(bad("missing service name (discovery:///NAME)"));
         }
         return Ok(Target::Discovery {
-            service: service.to_string(),
+            service: service.to_owned(),
         });
     }
     let (tls, rest) = if let Some(rest) = target.strip_prefix("https://") {
@@ -163,7 +163,7 @@ impl State {
             })
             .collect();
         if let Ok(mut discovered) = self.discovered.lock() {
-            discovered.insert(service.to_string(), nodes);
+            discovered.insert(service.to_owned(), nodes);
         }
         self.publish();
     }

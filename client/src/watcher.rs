@@ -110,10 +110,10 @@ impl ServiceWatcher {
             return watched.clone();
         }
         let watched = Arc::new(Watched::new());
-        services.insert(service.to_string(), watched.clone());
+        services.insert(service.to_owned(), watched.clone());
         tokio::spawn(run_watch(
             self.discovery.clone(),
-            service.to_string(),
+            service.to_owned(),
             Arc::downgrade(&watched),
             self.shutdown.clone(),
         ));

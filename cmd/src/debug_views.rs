@@ -75,7 +75,7 @@ fn redact_tls_keys(config: &mut Value) {
         if let Some(key) = tls.get_mut("key")
             && key.as_str().is_some_and(|key| !key.is_empty())
         {
-            *key = Value::String(REDACTED.to_string());
+            *key = Value::String(REDACTED.to_owned());
         }
     }
 }

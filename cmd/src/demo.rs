@@ -12,7 +12,7 @@ use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
 
 /// Binds `addr` and answers every request with a short text naming what it received.
-pub async fn start(addr: &str) -> std::io::Result<()> {
+pub(crate) async fn start(addr: &str) -> std::io::Result<()> {
     let listener = TcpListener::bind(addr).await?;
     tracing::warn!(%addr, "DEMO upstream started (--demo): for trying the gateway only");
     tokio::spawn(async move {
@@ -27,7 +27,7 @@ pub async fn start(addr: &str) -> std::io::Result<()> {
                         .get("x-forwarded-for")
                         .and_then(|v| v.to_str().ok())
                         .unwrap_or("-")
-                        .to_string();
+                        .to_owned();
                     let text = format!(
                         "hello from the demo upstream\nmethod: {}\npath: {}\nx-forwarded-for: {}\n",
                         req.method(),

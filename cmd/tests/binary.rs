@@ -24,7 +24,7 @@ fn write_temp(name: &str, text: &str) -> (tempfile::TempDir, String) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join(name);
     std::fs::write(&path, text).unwrap();
-    let path = path.to_str().unwrap().to_string();
+    let path = path.to_str().unwrap().to_owned();
     (dir, path)
 }
 
@@ -113,7 +113,7 @@ fn spawn_gateway(args: &[&str]) -> (std::process::Child, String) {
                 .nth(1)
                 .filter(|_| line.contains("listening"))
             {
-                let _ = addr_tx.send(addr.split_whitespace().next().unwrap_or("").to_string());
+                let _ = addr_tx.send(addr.split_whitespace().next().unwrap_or("").to_owned());
             }
         }
     });

@@ -49,7 +49,7 @@ fn echo_upstream() -> u16 {
                 let mut buf = [0u8; 4096];
                 let n = stream.read(&mut buf).unwrap_or(0);
                 let head = String::from_utf8_lossy(&buf[..n]);
-                let path = head.split_whitespace().nth(1).unwrap_or("?").to_string();
+                let path = head.split_whitespace().nth(1).unwrap_or("?").to_owned();
                 let body = format!("upstream saw {path}");
                 let _ = write!(
                     stream,
@@ -91,7 +91,7 @@ impl Gateway {
                     .nth(1)
                     .filter(|_| line.contains("listening"))
                 {
-                    let _ = addr_tx.send(addr.split_whitespace().next().unwrap_or("").to_string());
+                    let _ = addr_tx.send(addr.split_whitespace().next().unwrap_or("").to_owned());
                 }
                 lines.lock().expect("log lock").push(line);
             }
@@ -133,7 +133,7 @@ impl Gateway {
             .unwrap_or_else(|| panic!("no status line in {response:?}"));
         let body = response
             .split_once("\r\n\r\n")
-            .map(|(_, body)| body.to_string())
+            .map(|(_, body)| body.to_owned())
             .unwrap_or_default();
         (status, body)
     }

@@ -52,7 +52,7 @@ fn kratos_cmd_config_loads_unchanged() {
     let header = retry.conditions[1].by_header.as_ref().expect("byHeader");
     assert_eq!(
         (header.name.as_str(), header.values()),
-        ("Grpc-Status", vec!["14".to_string()])
+        ("Grpc-Status", vec!["14".to_owned()])
     );
 }
 
@@ -89,8 +89,8 @@ fn every_example_loads() {
     }
     loaded.sort();
     assert!(loaded.len() >= 2, "{loaded:?}");
-    assert!(loaded.contains(&"gateway.yaml".to_string()));
-    assert!(loaded.contains(&"kratos.yaml".to_string()));
+    assert!(loaded.contains(&"gateway.yaml".to_owned()));
+    assert!(loaded.contains(&"kratos.yaml".to_owned()));
 }
 
 #[test]

@@ -512,7 +512,7 @@ async fn file_caught_mid_write_is_never_applied() {
     loader.load().expect("load");
     let (mut applied, shutdown, _handle) = watch_every(&loader, POLL, &[]);
 
-    let mut versions = vec!["v1".to_string()];
+    let mut versions = vec!["v1".to_owned()];
     for round in 2..=6 {
         let version = format!("v{round}");
         let text = config(&version);

@@ -110,7 +110,7 @@ proptest! {
 
     #[test]
     fn parser_survives_edits_of_the_example(edits in prop::collection::vec(edit(), 1..6)) {
-        let mut text = EXAMPLE.to_string();
+        let mut text = EXAMPLE.to_owned();
         for edit in &edits {
             text = apply(&text, edit);
         }

@@ -108,7 +108,7 @@ async fn call(mux: &DebugMux, req: Request<()>, remote: SocketAddr) -> Answer {
     let content_type = response.headers()[header::CONTENT_TYPE]
         .to_str()
         .unwrap()
-        .to_string();
+        .to_owned();
     let body = response.into_body().collect().await.unwrap().to_bytes();
     Answer {
         status,

@@ -70,7 +70,7 @@ impl ConsulDiscovery {
             .strip_prefix("http://")
             .unwrap_or(&addr)
             .trim_end_matches('/')
-            .to_string();
+            .to_owned();
         let mut connector = HttpConnector::new();
         connector.set_connect_timeout(Some(CONNECT_TIMEOUT));
         connector.set_nodelay(true);
@@ -107,7 +107,7 @@ impl Discovery for ConsulDiscovery {
         check_name(name)?;
         Ok(Box::new(ConsulWatcher {
             api: self.api.clone(),
-            service: name.to_string(),
+            service: name.to_owned(),
             index: 0,
             last: None,
             backoff: Backoff::default(),
@@ -125,7 +125,7 @@ impl Discovery for ConsulDiscovery {
 fn check_name(name: &str) -> Result<(), Error> {
     if name.is_empty() {
         return Err(Error::InvalidName {
-            name: name.to_string(),
+            name: name.to_owned(),
             reason: "the name is empty",
         });
     }
@@ -290,7 +290,7 @@ impl ServiceEntry {
             .filter_map(|tag| tag.strip_prefix("version="))
             .next_back()
             .unwrap_or_default()
-            .to_string();
+            .to_owned();
         let mut endpoints: Vec<String> = service
             .tagged_addresses
             .iter()
@@ -302,7 +302,7 @@ impl ServiceEntry {
                     serde_json::Value::String(text) => text.as_str(),
                     _ => return None,
                 };
-                address.contains("://").then(|| address.to_string())
+                address.contains("://").then(|| address.to_owned())
             })
             .collect();
         if endpoints.is_empty() {
@@ -468,11 +468,11 @@ mod tests {
         );
         assert_eq!(
             instance.endpoint("grpc"),
-            Some(("10.0.0.1:9000".to_string(), true))
+            Some(("10.0.0.1:9000".to_owned(), true))
         );
         assert_eq!(
             instance.endpoint("http"),
-            Some(("10.0.0.1:8000".to_string(), false))
+            Some(("10.0.0.1:8000".to_owned(), false))
         );
     }
 

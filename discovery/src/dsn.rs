@@ -44,7 +44,7 @@ impl DiscoveryDsn {
         let dsn = dsn.trim();
         let Some((scheme, rest)) = dsn.split_once("://") else {
             return Err(DsnError::MissingScheme {
-                dsn: dsn.to_string(),
+                dsn: dsn.to_owned(),
             });
         };
         let scheme = scheme.to_ascii_lowercase();
@@ -53,7 +53,7 @@ impl DiscoveryDsn {
         }
         if rest.contains('#') {
             return Err(DsnError::BadQuery {
-                reason: "a fragment (#...) is not allowed".to_string(),
+                reason: "a fragment (#...) is not allowed".to_owned(),
             });
         }
         let (before_query, query) = match rest.split_once('?') {
@@ -76,7 +76,7 @@ impl DiscoveryDsn {
         if scheme == "consul" {
             if hosts.contains(',') {
                 return Err(DsnError::BadQuery {
-                    reason: "consul takes a single HOST:PORT (the local agent)".to_string(),
+                    reason: "consul takes a single HOST:PORT (the local agent)".to_owned(),
                 });
             }
             let address = parse_address(dsn, hosts, CONSUL_DEFAULT_PORT)?;
@@ -99,7 +99,7 @@ impl DiscoveryDsn {
                 .split(',')
                 .map(|host| parse_address(dsn, host, ETCD_DEFAULT_PORT))
                 .collect::<Result<Vec<_>, _>>()?;
-            let mut namespace = DEFAULT_NAMESPACE.to_string();
+            let mut namespace = DEFAULT_NAMESPACE.to_owned();
             for (key, value) in params {
                 match key.as_str() {
                     "namespace" => namespace = value,
@@ -145,13 +145,13 @@ fn unknown_key(key: &str, known: &str) -> DsnError {
 fn parse_address(dsn: &str, address: &str, default_port: u16) -> Result<String, DsnError> {
     if address.contains('@') {
         return Err(DsnError::BadQuery {
-            reason: "credentials in the address are not supported; use ?token=".to_string(),
+            reason: "credentials in the address are not supported; use ?token=".to_owned(),
         });
     }
     let (host, port) = if let Some(rest) = address.strip_prefix('[') {
         let Some((host, after)) = rest.split_once(']') else {
             return Err(DsnError::MissingHost {
-                dsn: dsn.to_string(),
+                dsn: dsn.to_owned(),
             });
         };
         let port = match after {
@@ -160,7 +160,7 @@ fn parse_address(dsn: &str, address: &str, default_port: u16) -> Result<String, 
                 Some(port) => Some(port),
                 None => {
                     return Err(DsnError::BadPort {
-                        address: address.to_string(),
+                        address: address.to_owned(),
                         reason: format!("unexpected {after:?} after the IPv6 address"),
                     });
                 }
@@ -169,40 +169,40 @@ fn parse_address(dsn: &str, address: &str, default_port: u16) -> Result<String, 
         (format!("[{host}]"), port)
     } else {
         match address.rsplit_once(':') {
-            Some((host, port)) => (host.to_string(), Some(port)),
-            None => (address.to_string(), None),
+            Some((host, port)) => (host.to_owned(), Some(port)),
+            None => (address.to_owned(), None),
         }
     };
     if host.is_empty() || host == "[]" {
         return Err(DsnError::MissingHost {
-            dsn: dsn.to_string(),
+            dsn: dsn.to_owned(),
         });
     }
     if host.contains(':') && !host.starts_with('[') {
         return Err(DsnError::BadPort {
-            address: address.to_string(),
-            reason: "an IPv6 host must be written in brackets, e.g. [::1]:2379".to_string(),
+            address: address.to_owned(),
+            reason: "an IPv6 host must be written in brackets, e.g. [::1]:2379".to_owned(),
         });
     }
     let port = match port {
         None => default_port,
         Some("") => {
             return Err(DsnError::BadPort {
-                address: address.to_string(),
-                reason: "the port is empty".to_string(),
+                address: address.to_owned(),
+                reason: "the port is empty".to_owned(),
             });
         }
         Some(port) => match port.parse::<u16>() {
             Ok(0) => {
                 return Err(DsnError::BadPort {
-                    address: address.to_string(),
-                    reason: "port 0 is not allowed".to_string(),
+                    address: address.to_owned(),
+                    reason: "port 0 is not allowed".to_owned(),
                 });
             }
             Ok(port) => port,
             Err(_) => {
                 return Err(DsnError::BadPort {
-                    address: address.to_string(),
+                    address: address.to_owned(),
                     reason: format!("{port:?} is not a number between 1 and 65535"),
                 });
             }

@@ -61,13 +61,13 @@ impl EtcdDiscovery {
     fn prefix(&self, name: &str) -> Result<String, Error> {
         if name.is_empty() {
             return Err(Error::InvalidName {
-                name: name.to_string(),
+                name: name.to_owned(),
                 reason: "the name is empty",
             });
         }
         if name.contains('/') {
             return Err(Error::InvalidName {
-                name: name.to_string(),
+                name: name.to_owned(),
                 reason: "a name cannot contain '/' in the etcd key layout",
             });
         }
@@ -188,7 +188,7 @@ impl Connection {
             .map(|header| header.revision())
             .ok_or_else(|| Error::BadResponse {
                 registry: self.describe(),
-                reason: "range response without a header".to_string(),
+                reason: "range response without a header".to_owned(),
             })?;
         let instances = response
             .kvs()
@@ -207,10 +207,10 @@ fn decode(kv: &KeyValue) -> Option<(String, Option<ServiceInstance>)> {
         return None;
     };
     match serde_json::from_slice::<ServiceInstance>(kv.value()) {
-        Ok(instance) => Some((key.to_string(), Some(instance))),
+        Ok(instance) => Some((key.to_owned(), Some(instance))),
         Err(error) => {
             tracing::warn!(key, %error, "skipping etcd value that is not a service instance");
-            Some((key.to_string(), None))
+            Some((key.to_owned(), None))
         }
     }
 }

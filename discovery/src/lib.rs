@@ -74,7 +74,7 @@ fn parse_endpoint(endpoint: &str, scheme: &str) -> Option<(String, bool)> {
         pair.split_once('=')
             .is_some_and(|(key, value)| key == "isSecure" && value.eq_ignore_ascii_case("true"))
     });
-    Some((authority.to_string(), secure))
+    Some((authority.to_owned(), secure))
 }
 
 /// Why a registry request failed. Every variant is transient from the caller's point of view.

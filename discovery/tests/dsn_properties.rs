@@ -135,7 +135,7 @@ proptest! {
         let dsn = with_query(format!("{scheme}://{}", hosts.join(",")), slash, &pairs);
         let want = DiscoveryDsn::Etcd {
             endpoints: addresses.iter().map(|a| expected(a, 2379)).collect(),
-            namespace: namespace.unwrap_or_else(|| "/microservices".to_string()),
+            namespace: namespace.unwrap_or_else(|| "/microservices".to_owned()),
         };
         prop_assert_eq!(DiscoveryDsn::parse(&dsn), Ok(want), "{:?}", dsn);
     }

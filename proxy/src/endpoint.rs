@@ -22,7 +22,7 @@ use crate::retry::RetryPolicy;
 
 /// Request bodies up to this size are buffered so a retry can replay them; larger or
 /// unsized bodies stream through and are not retried.
-pub const MAX_REPLAY_BODY: u64 = 64 * 1024;
+pub(crate) const MAX_REPLAY_BODY: u64 = 64 * 1024;
 
 /// What the handler needs of an endpoint's config: its deadline and retry rules.
 #[derive(Debug, Clone, Copy, Default)]

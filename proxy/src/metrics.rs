@@ -242,7 +242,7 @@ impl EndpointMetrics {
         for slot in &self.codes {
             match slot.get() {
                 Some((cached, counter)) if *cached == code => return counter.inc(),
-                Some(_) => continue,
+                Some(_) => {}
                 None => {
                     let (cached, counter) = slot.get_or_init(|| (code, self.code_counter(code)));
                     if *cached == code {

@@ -14,16 +14,16 @@ use crate::error::ProxyError;
 
 /// gRPC status codes the gateway answers with.
 mod grpc {
-    pub const CANCELLED: u8 = 1;
-    pub const UNKNOWN: u8 = 2;
-    pub const INVALID_ARGUMENT: u8 = 3;
-    pub const DEADLINE_EXCEEDED: u8 = 4;
-    pub const PERMISSION_DENIED: u8 = 7;
-    pub const RESOURCE_EXHAUSTED: u8 = 8;
-    pub const UNIMPLEMENTED: u8 = 12;
-    pub const INTERNAL: u8 = 13;
-    pub const UNAVAILABLE: u8 = 14;
-    pub const UNAUTHENTICATED: u8 = 16;
+    pub(super) const CANCELLED: u8 = 1;
+    pub(super) const UNKNOWN: u8 = 2;
+    pub(super) const INVALID_ARGUMENT: u8 = 3;
+    pub(super) const DEADLINE_EXCEEDED: u8 = 4;
+    pub(super) const PERMISSION_DENIED: u8 = 7;
+    pub(super) const RESOURCE_EXHAUSTED: u8 = 8;
+    pub(super) const UNIMPLEMENTED: u8 = 12;
+    pub(super) const INTERNAL: u8 = 13;
+    pub(super) const UNAVAILABLE: u8 = 14;
+    pub(super) const UNAUTHENTICATED: u8 = 16;
 }
 
 /// How the client expects failures to be spoken.

@@ -7,6 +7,9 @@
 //! - `spread`: the paths hit services all over the table, so bigger tables also pay
 //!   for cache misses in the tree, as a busy gateway would.
 
+// `criterion_group!` generates a public function without docs.
+#![allow(missing_docs)]
+
 use std::hint::black_box;
 use std::time::Duration;
 

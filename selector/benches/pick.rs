@@ -1,5 +1,8 @@
 //! Cost of one `select` + `Done::done` per algorithm and node count.
 
+// `criterion_group!` generates a public function without docs.
+#![allow(missing_docs)]
+
 use std::hint::black_box;
 use std::sync::Arc;
 use std::time::{Duration, Instant};

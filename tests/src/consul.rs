@@ -199,7 +199,7 @@ impl ConsulDouble {
 
     /// Starts a double that requires this ACL token on every request.
     pub async fn start_with_token(token: &str) -> ConsulDouble {
-        Self::start_inner(Some(token.to_string())).await
+        Self::start_inner(Some(token.to_owned())).await
     }
 
     async fn start_inner(token: Option<String>) -> ConsulDouble {
@@ -305,9 +305,9 @@ impl ConsulDouble {
             let authority = rest.split(['/', '?']).next().unwrap_or_default();
             let (host, port) = authority.rsplit_once(':').expect("host:port");
             let port: u16 = port.parse().expect("port");
-            first.get_or_insert((host.to_string(), port));
+            first.get_or_insert((host.to_owned(), port));
             tagged.insert(
-                scheme.to_string(),
+                scheme.to_owned(),
                 json!({"Address": endpoint, "Port": port}),
             );
         }
@@ -372,7 +372,7 @@ impl State {
     /// Records a write touching the service `name` and returns its index.
     fn write(&mut self, name: &str) -> u64 {
         self.index += 1;
-        self.name_index.insert(name.to_string(), self.index);
+        self.name_index.insert(name.to_owned(), self.index);
         self.index
     }
 
@@ -559,8 +559,8 @@ async fn expire_ttls(shared: Arc<Shared>, shutdown: CancellationToken) {
             }
             let index = state.write(&name);
             if let Some(check) = state.checks.get_mut(&id) {
-                check.status = "critical".to_string();
-                check.output = "TTL expired".to_string();
+                check.status = "critical".to_owned();
+                check.output = "TTL expired".to_owned();
                 check.modify_index = index;
             }
             changed = true;
@@ -603,13 +603,13 @@ async fn handle(shared: &Shared, request: Request<Incoming>) -> Response<Full<By
             .headers()
             .get("X-Consul-Token")
             .and_then(|value| value.to_str().ok())
-            .map(str::to_string)
+            .map(str::to_owned)
             .or_else(|| params.get("token").cloned());
         if sent.as_deref() != Some(token.as_str()) {
             return text(StatusCode::FORBIDDEN, "ACL not found");
         }
     }
-    let path = request.uri().path().to_string();
+    let path = request.uri().path().to_owned();
     let method = request.method().clone();
     if let Some(name) = path.strip_prefix("/v1/health/service/") {
         if method != Method::GET {
@@ -799,7 +799,7 @@ fn register(shared: &Shared, body: &[u8]) -> Response<Full<Bytes>> {
             },
             service_id: id.clone(),
             status: if definition.status.is_empty() {
-                "critical".to_string()
+                "critical".to_owned()
             } else {
                 definition.status
             },
@@ -884,8 +884,8 @@ fn update_ttl(shared: &Shared, id: &str, status: &str, note: &str) -> Response<F
     if let Some(check) = state.checks.get_mut(id) {
         check.expires_at = Some(Instant::now() + ttl);
         if changed {
-            check.status = status.to_string();
-            check.output = note.to_string();
+            check.status = status.to_owned();
+            check.output = note.to_owned();
             check.modify_index = index;
         }
     }

@@ -255,9 +255,9 @@ pub fn instance_key(namespace: &str, name: &str, id: &str) -> String {
 /// A Kratos-style instance of `name` with one plain HTTP endpoint at `address`.
 pub fn instance(name: &str, id: &str, address: &str) -> ServiceInstance {
     ServiceInstance {
-        id: id.to_string(),
-        name: name.to_string(),
-        version: "v1".to_string(),
+        id: id.to_owned(),
+        name: name.to_owned(),
+        version: "v1".to_owned(),
         metadata: Default::default(),
         endpoints: vec![format!("http://{address}?isSecure=false")],
     }

@@ -73,7 +73,7 @@ where
     let mut last = None;
     loop {
         let Ok(outcome) = tokio::time::timeout_at(deadline, check()).await else {
-            let last = last.unwrap_or_else(|| "no check finished".to_string());
+            let last = last.unwrap_or_else(|| "no check finished".to_owned());
             return Err(format!(
                 "timed out after {timeout:?} waiting for: {what} (last: {last}; a check was still running at the deadline)"
             ));
@@ -131,8 +131,7 @@ mod tests {
         assert_eq!(
             result,
             Err(
-                "timed out after 5s waiting for: the new route answers (last: got \"404\", want \"b\")"
-                    .to_string()
+                "timed out after 5s waiting for: the new route answers (last: got \"404\", want \"b\")".to_owned()
             )
         );
     }

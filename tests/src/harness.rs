@@ -95,7 +95,7 @@ impl Upstream {
     /// reports what it saw: `x-seen-path` (path and query) and, for each header in
     /// `headers`, `x-seen-{header}` with all its values joined by `,` (`-` when absent).
     pub async fn reporting(name: &str, headers: &[&str]) -> Upstream {
-        let name = name.to_string();
+        let name = name.to_owned();
         let headers: Arc<[String]> = headers.iter().map(|h| h.to_ascii_lowercase()).collect();
         Upstream::start(move |req: Request<Incoming>| {
             let (name, headers) = (name.clone(), headers.clone());
@@ -106,7 +106,7 @@ impl Upstream {
                 );
                 for header in headers.iter() {
                     let seen = match header_values(req.headers(), header) {
-                        values if values.is_empty() => "-".to_string(),
+                        values if values.is_empty() => "-".to_owned(),
                         values => values,
                     };
                     response = response.header(format!("x-seen-{header}"), seen);

@@ -20,10 +20,10 @@ fn discovery_for(consul: &ConsulDouble) -> ConsulDiscovery {
 
 fn kratos(name: &str, id: &str, port: u16) -> ServiceInstance {
     ServiceInstance {
-        id: id.to_string(),
-        name: name.to_string(),
-        version: "v1".to_string(),
-        metadata: [("weight".to_string(), "10".to_string())].into(),
+        id: id.to_owned(),
+        name: name.to_owned(),
+        version: "v1".to_owned(),
+        metadata: [("weight".to_owned(), "10".to_owned())].into(),
         endpoints: vec![
             format!("http://127.0.0.1:{port}?isSecure=false"),
             format!("grpc://127.0.0.1:{}", port + 1000),
@@ -63,7 +63,7 @@ async fn snapshots_follow_registrations() {
     assert_eq!(first[0], expected);
     assert_eq!(
         first[0].endpoint("grpc"),
-        Some(("127.0.0.1:9001".to_string(), false))
+        Some(("127.0.0.1:9001".to_owned(), false))
     );
 
     consul.deregister("a").await;
@@ -407,29 +407,29 @@ async fn plain_consul_registrations_map_to_address_and_port() {
     assert_eq!(
         instances[1].metadata,
         [
-            ("weight".to_string(), "30".to_string()),
-            ("zone".to_string(), "eu".to_string())
+            ("weight".to_owned(), "30".to_owned()),
+            ("zone".to_owned(), "eu".to_owned())
         ]
         .into()
     );
     assert_eq!(instances[2].endpoints, ["http://10.0.0.8:8082"]);
     assert_eq!(
         instances[1].endpoint("http"),
-        Some(("10.0.0.7:8080".to_string(), false))
+        Some(("10.0.0.7:8080".to_owned(), false))
     );
     assert_eq!(instances[1].endpoint("grpc"), None);
 
     // A TLS endpoint registered by Kratos keeps its flag.
     let mut secure = kratos("secure", "s", 8443);
     secure.endpoints = vec![
-        "https://127.0.0.1:8443?isSecure=true".to_string(),
-        "http://127.0.0.1:8444?isSecure=true".to_string(),
+        "https://127.0.0.1:8443?isSecure=true".to_owned(),
+        "http://127.0.0.1:8444?isSecure=true".to_owned(),
     ];
     consul.register_kratos(&secure).await;
     let instances = discovery.get_service("secure").await.expect("get_service");
     assert_eq!(
         instances[0].endpoint("http"),
-        Some(("127.0.0.1:8444".to_string(), true))
+        Some(("127.0.0.1:8444".to_owned(), true))
     );
 }
 
@@ -461,8 +461,8 @@ async fn token_and_datacenter_are_sent() {
 
     let other_dc = ConsulDiscovery::new(
         consul.address(),
-        Some("s3cret".to_string()),
-        Some("dc2".to_string()),
+        Some("s3cret".to_owned()),
+        Some("dc2".to_owned()),
     );
     let error = other_dc.get_service("helloworld").await.expect_err("dc2");
     assert!(

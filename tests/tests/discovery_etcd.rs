@@ -12,7 +12,7 @@ use tests::watch::{Latencies, ids, next_within, wait_for};
 const NAMESPACE: &str = "/microservices";
 
 fn discovery_for(etcd: &EtcdServer) -> EtcdDiscovery {
-    EtcdDiscovery::new(vec![etcd.endpoint()], NAMESPACE.to_string())
+    EtcdDiscovery::new(vec![etcd.endpoint()], NAMESPACE.to_owned())
 }
 
 #[tokio::test]
@@ -36,7 +36,7 @@ async fn snapshots_follow_puts_and_deletes() {
     assert_eq!(first[0], instance("helloworld", "a", "127.0.0.1:8001"));
     assert_eq!(
         first[0].endpoint("http"),
-        Some(("127.0.0.1:8001".to_string(), false))
+        Some(("127.0.0.1:8001".to_owned(), false))
     );
 
     etcd.delete_instance(NAMESPACE, "helloworld", "a").await;
@@ -50,10 +50,10 @@ async fn snapshots_follow_puts_and_deletes() {
 
     // An updated value replaces the instance (same key).
     let mut updated = instance("helloworld", "c", "127.0.0.1:9003");
-    updated.version = "v2".to_string();
+    updated.version = "v2".to_owned();
     updated
         .metadata
-        .insert("weight".to_string(), "20".to_string());
+        .insert("weight".to_owned(), "20".to_owned());
     etcd.put_instance(NAMESPACE, &updated).await;
     let after_update = next_within(&mut watcher, Duration::from_secs(1)).await;
     assert_eq!(after_update[1], updated);
@@ -293,7 +293,7 @@ async fn compaction_past_the_watch_revision_lists_again() {
 #[tokio::test]
 async fn unreachable_etcd_is_an_error_not_a_hang() {
     let port = unused_port();
-    let discovery = EtcdDiscovery::new(vec![format!("127.0.0.1:{port}")], NAMESPACE.to_string());
+    let discovery = EtcdDiscovery::new(vec![format!("127.0.0.1:{port}")], NAMESPACE.to_owned());
     let started = Instant::now();
     let result = tokio::time::timeout(Duration::from_secs(10), discovery.get_service("x")).await;
     assert!(matches!(result, Ok(Err(_))), "{result:?}");

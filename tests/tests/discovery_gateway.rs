@@ -30,7 +30,7 @@ async fn spread(gw: &TestGateway, path: &str, n: usize) -> BTreeMap<String, usiz
         let reply = get(&gw.url(path)).await;
         let key = match reply.header("x-upstream") {
             "" => format!("status {}", reply.status),
-            name => name.to_string(),
+            name => name.to_owned(),
         };
         *seen.entry(key).or_insert(0) += 1;
     }

@@ -264,7 +264,7 @@ async fn a_refusal_carries_grpc_status_in_the_response_headers() {
             .get(name)
             .and_then(|v| v.to_str().ok())
             .unwrap_or("")
-            .to_string()
+            .to_owned()
     };
     assert_eq!(header("content-type"), "application/grpc");
     assert_eq!(header("grpc-status"), "8", "RESOURCE_EXHAUSTED: {parts:?}");

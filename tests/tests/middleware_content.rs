@@ -138,7 +138,7 @@ async fn cache_hits_misses_expiry_vary_and_no_store() {
                 .get("accept-language")
                 .and_then(|v| v.to_str().ok())
                 .unwrap_or("")
-                .to_string();
+                .to_owned();
             match req.uri().path() {
                 "/vary" => response = response.header("vary", "Accept-Language"),
                 "/nostore" => response = response.header("cache-control", "no-store"),

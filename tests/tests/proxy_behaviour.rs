@@ -209,7 +209,7 @@ async fn hop_by_hop_headers_are_stripped_both_ways() {
             let names: Vec<String> = req
                 .headers()
                 .keys()
-                .map(|k| k.as_str().to_string())
+                .map(|k| k.as_str().to_owned())
                 .collect();
             *record.lock().unwrap() = names;
             Response::builder()
@@ -244,11 +244,11 @@ async fn hop_by_hop_headers_are_stripped_both_ways() {
         "te",
     ] {
         assert!(
-            !seen.contains(&gone.to_string()),
+            !seen.contains(&gone.to_owned()),
             "{gone} reached the upstream: {seen:?}"
         );
     }
-    assert!(seen.contains(&"x-kept".to_string()));
+    assert!(seen.contains(&"x-kept".to_owned()));
     assert_eq!(reply.header("x-public"), "yes");
     assert_eq!(
         reply.header("x-upstream-private"),
@@ -368,7 +368,7 @@ async fn smuggling_attempts_are_rejected() {
     let paths = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
     let record = paths.clone();
     let upstream = Upstream::start(move |req: Request<Incoming>| {
-        record.lock().unwrap().push(req.uri().path().to_string());
+        record.lock().unwrap().push(req.uri().path().to_owned());
         async { Response::new(text("ok")) }
     })
     .await;
@@ -413,7 +413,7 @@ async fn smuggling_attempts_are_rejected() {
     );
     assert_eq!(
         *paths.lock().unwrap(),
-        vec!["/a".to_string()],
+        vec!["/a".to_owned()],
         "the smuggled request never reached the upstream"
     );
 }
@@ -495,7 +495,7 @@ async fn grpc_endpoints_speak_h2c_to_the_upstream() {
             .get("te")
             .and_then(|v| v.to_str().ok())
             .unwrap_or("")
-            .to_string();
+            .to_owned();
         Response::builder()
             .header("content-type", "application/grpc")
             .header("x-seen-version", version)

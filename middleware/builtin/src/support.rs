@@ -114,7 +114,7 @@ impl FromNumber for f64 {
 impl<T: FromNumber> Visitor<'_> for NumberVisitor<T> {
     type Value = T;
 
-    fn expecting(&self, formatter: &mut fmt::Formatter) -> fmt::Result {
+    fn expecting(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
         formatter.write_str(T::EXPECTING)
     }
 
