@@ -11,7 +11,7 @@ use http::{Request, Response};
 use http_body_util::{BodyExt, Full, StreamBody};
 use hyper::body::{Frame, Incoming};
 use tests::assert_eventually;
-use tests::config::single;
+use tests::config::{endpoint, gateway, single};
 use tests::eventually::expect_eq;
 use tests::harness::{TestGateway, Upstream, get, get_with, http_client, send, text, unused_port};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -197,6 +197,86 @@ async fn responses_stream_chunk_by_chunk() {
     drop(tx);
     let rest = body.collect().await.unwrap().to_bytes();
     assert_eq!(rest, "second");
+}
+
+/// A download in progress is not cut by a reload (the old router is closed under it) nor by a
+/// graceful shutdown: both wait for the body to end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_streaming_download_survives_a_reload_and_a_shutdown() {
+    let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(4);
+    let rx = Arc::new(tokio::sync::Mutex::new(Some(rx)));
+    let upstream = Upstream::start(move |_req: Request<Incoming>| {
+        let rx = rx.clone();
+        async move {
+            let rx = rx.lock().await.take().expect("one streaming request");
+            let stream = futures_util::stream::unfold(rx, |mut rx| async move {
+                rx.recv()
+                    .await
+                    .map(|chunk| (Ok::<_, Infallible>(Frame::data(chunk)), rx))
+            });
+            Response::new(StreamBody::new(stream).boxed_unsync())
+        }
+    })
+    .await;
+    let other = Upstream::named("other").await;
+    let stream_endpoint = endpoint("/stream", &upstream.target(), "");
+    let gw = TestGateway::start(&gateway(std::slice::from_ref(&stream_endpoint))).await;
+    let response = tokio::time::timeout(
+        Duration::from_secs(5),
+        http_client().request(
+            Request::get(gw.url("/stream"))
+                .body(Full::default())
+                .unwrap(),
+        ),
+    )
+    .await
+    .expect("response head within 5 s")
+    .unwrap();
+    assert_eq!(response.status(), 200);
+    let mut body = response.into_body();
+    tx.send(Bytes::from_static(b"before-reload "))
+        .await
+        .unwrap();
+    let first = tokio::time::timeout(Duration::from_secs(2), body.frame())
+        .await
+        .expect("the first chunk arrives")
+        .unwrap()
+        .unwrap();
+    assert_eq!(first.into_data().unwrap(), "before-reload ");
+
+    // A reload swaps the router and closes the old one while the body is still streaming.
+    gw.write_config(&gateway(&[
+        stream_endpoint,
+        endpoint("/other", &other.target(), ""),
+    ]));
+    let other_url = gw.url("/other");
+    assert_eventually!(Duration::from_secs(5), "the reloaded route answers", || {
+        let url = other_url.clone();
+        async move { expect_eq(get(&url).await.status, 200) }
+    });
+    tx.send(Bytes::from_static(b"after-reload ")).await.unwrap();
+
+    // A graceful shutdown (what SIGTERM starts) waits for the download too.
+    let stopping = tokio::spawn(gw.stop());
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(
+        !stopping.is_finished(),
+        "shutdown waits for the open download"
+    );
+    tx.send(Bytes::from_static(b"after-shutdown"))
+        .await
+        .unwrap();
+    drop(tx);
+    let rest = tokio::time::timeout(Duration::from_secs(5), body.collect())
+        .await
+        .expect("the body ends within 5 s")
+        .unwrap()
+        .to_bytes();
+    assert_eq!(rest, "after-reload after-shutdown");
+    let stopped = tokio::time::timeout(Duration::from_secs(5), stopping)
+        .await
+        .expect("shutdown ends once the download ended");
+    assert_eq!(stopped.unwrap(), Ok(()));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
