@@ -163,17 +163,26 @@ impl EndpointHandler {
         if let Some(length) = body.size_hint().exact() {
             self.metrics.rx_bytes.inc_by(length);
         }
-        let attempts = self.attempts(&mut head, body, &mut record.options);
-        let outcome = match self.timeout {
-            Some(timeout) => tokio::time::timeout(timeout, attempts)
-                .await
-                .unwrap_or(Err(ProxyError::Timeout)),
-            None => attempts.await,
+        // Pinned where it is built: the retry loop's state is large, and moving it into the
+        // timeout would copy it on every request.
+        let outcome = {
+            let attempts = std::pin::pin!(self.attempts(&mut head, body, &mut record.options));
+            match self.timeout {
+                Some(timeout) => tokio::time::timeout(timeout, attempts)
+                    .await
+                    .unwrap_or(Err(ProxyError::Timeout)),
+                None => attempts.await,
+            }
         };
         let response = match outcome {
             Ok(mut response) => {
                 strip_hop_by_hop(response.headers_mut(), false);
-                rendered(response, self.dialect)
+                // Only a middleware can refuse; without a chain there is nothing to render.
+                if self.tripper.is_some() {
+                    rendered(response, self.dialect)
+                } else {
+                    response
+                }
             }
             Err(err) => {
                 let backend = record.options.backend.get();
