@@ -178,6 +178,11 @@ impl Client {
     /// Sends one attempt without a middleware chain: `options` supplies the filters and
     /// tried nodes and receives the picked node. The tower `Service` impl does the same with
     /// the options found in the request's extensions.
+    ///
+    /// The response keeps hyper's extensions: after a `101 Switching Protocols` it carries
+    /// the upstream connection's `hyper::upgrade::OnUpgrade` (the HTTP/1.1 pools serve their
+    /// connections with upgrades), so the caller can take the connection over for a tunnel.
+    /// Such a response has an empty body, so the pick's `Done` is reported at once.
     pub async fn send(
         &self,
         req: Request<Body>,
@@ -280,6 +285,7 @@ impl Inner {
         match self.http.request(req).await {
             Ok(response) => {
                 let success = !response.status().is_server_error();
+                // `parts` keeps the extensions (an upgrade's `OnUpgrade` among them).
                 let (parts, body) = response.into_parts();
                 let body = if http_body::Body::is_end_stream(&body) {
                     done.done(DoneInfo { success });

@@ -10,7 +10,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
-use proxy::server::{ServerOptions, serve};
+use proxy::server::{ServerOptions, serve, serve_tls};
+use proxy::tls::TlsAcceptor;
 use proxy::{Edge, Metrics, Proxy};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -25,6 +26,23 @@ pub struct Cli {
     /// Address to listen on; repeat for several.
     #[arg(long = "addr", default_value = "0.0.0.0:8080")]
     pub addrs: Vec<SocketAddr>,
+    /// HTTPS address to listen on; repeat for several. Needs --tls-cert and --tls-key.
+    #[arg(long = "tls-addr", value_name = "HOST:PORT")]
+    pub tls_addrs: Vec<SocketAddr>,
+    /// PEM certificate chain (leaf first) for the HTTPS listeners; repeatable, paired in
+    /// order with --tls-key. Picked by SNI; the first pair is the default.
+    #[arg(long = "tls-cert", value_name = "FILE")]
+    pub tls_certs: Vec<PathBuf>,
+    /// PEM private key of the --tls-cert at the same position; repeatable.
+    #[arg(long = "tls-key", value_name = "FILE")]
+    pub tls_keys: Vec<PathBuf>,
+    /// Time a client has to complete the TLS handshake on an HTTPS listener.
+    #[arg(long, default_value = "10s", value_parser = duration)]
+    pub tls_handshake_timeout: Duration,
+    /// PEM file of CA certificates: HTTPS clients must present a certificate issued by one
+    /// of them (mTLS); middlewares see the verified subject.
+    #[arg(long, value_name = "FILE")]
+    pub tls_client_ca: Option<PathBuf>,
     /// Registry for discovery:/// backends: consul://HOST:PORT?token=T&datacenter=DC or
     /// etcd://HOST:PORT[,HOST:PORT]?namespace=/microservices.
     #[arg(long)]
@@ -47,6 +65,9 @@ pub struct Cli {
     /// Time a client has to send a request head; also the idle keep-alive timeout.
     #[arg(long, default_value = "15s", value_parser = duration)]
     pub header_read_timeout: Duration,
+    /// A WebSocket (or other upgrade) tunnel with no bytes either way for this long is closed.
+    #[arg(long, default_value = "60s", value_parser = duration)]
+    pub tunnel_idle_timeout: Duration,
     /// How long start-up waits for the registry's first snapshot of each service.
     #[arg(long, default_value = "5s", value_parser = duration)]
     pub initial_resolve_timeout: Duration,
@@ -55,16 +76,55 @@ pub struct Cli {
     pub demo: bool,
 }
 
+/// The `--tls-cert`/`--tls-key` pairs, checked against `--tls-addr` (`None`: no HTTPS).
+fn tls_pairs(cli: &Cli) -> Result<Option<Vec<proxy::tls::CertPair>>, String> {
+    let (certs, keys) = (cli.tls_certs.len(), cli.tls_keys.len());
+    if cli.tls_addrs.is_empty() {
+        if certs + keys > 0 || cli.tls_client_ca.is_some() {
+            return Err("--tls-cert/--tls-key/--tls-client-ca given without --tls-addr".to_owned());
+        }
+        return Ok(None);
+    }
+    if certs == 0 && keys == 0 {
+        return Err("--tls-addr needs at least one --tls-cert and --tls-key pair".to_owned());
+    }
+    if certs != keys {
+        return Err(format!(
+            "--tls-cert given {certs} time(s) but --tls-key {keys} time(s): they are paired in order"
+        ));
+    }
+    Ok(Some(
+        cli.tls_certs
+            .iter()
+            .zip(&cli.tls_keys)
+            .map(|(cert, key)| proxy::tls::CertPair {
+                cert: cert.clone(),
+                key: key.clone(),
+            })
+            .collect(),
+    ))
+}
+
 fn duration(text: &str) -> Result<Duration, String> {
     configs::parse_duration(text).map_err(|err| err.to_string())
 }
 
+/// Where a started gateway listens (the bound addresses, so port 0 is resolved).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Listening {
+    /// The plain HTTP listeners, in `--addr` order.
+    pub addrs: Vec<SocketAddr>,
+    /// The HTTPS listeners, in `--tls-addr` order.
+    pub tls_addrs: Vec<SocketAddr>,
+}
+
 /// Start-up failures are returned as one line; after start-up, errors are logged. A failed
 /// start cancels `shutdown`, so whatever it had started (registry watches) ends with it.
+/// `on_ready` is called once every listener is bound and serving.
 pub async fn run(
     cli: Cli,
     shutdown: CancellationToken,
-    on_ready: impl FnOnce(Vec<SocketAddr>),
+    on_ready: impl FnOnce(Listening),
 ) -> Result<(), String> {
     let result = serve_until_shutdown(cli, shutdown.clone(), on_ready).await;
     if result.is_err() {
@@ -76,8 +136,9 @@ pub async fn run(
 async fn serve_until_shutdown(
     cli: Cli,
     shutdown: CancellationToken,
-    on_ready: impl FnOnce(Vec<SocketAddr>),
+    on_ready: impl FnOnce(Listening),
 ) -> Result<(), String> {
+    let tls_pairs = tls_pairs(&cli)?;
     let loader = configs::FileLoader::new(cli.conf.clone(), cli.priority_dir.clone());
     // The first load waits for the file to settle (two equal reads), so off the runtime.
     let first_load = loader.clone();
@@ -85,6 +146,31 @@ async fn serve_until_shutdown(
         .await
         .map_err(|err| format!("config: {err}"))?
         .map_err(|err| format!("config: {err}"))?;
+    let certificates = match tls_pairs {
+        Some(pairs) => Some(
+            tokio::task::spawn_blocking(move || proxy::tls::CertStore::load(pairs))
+                .await
+                .map_err(|err| format!("tls: {err}"))?
+                .map_err(|err| format!("tls: {err}"))?,
+        ),
+        None => None,
+    };
+    let metrics = Arc::new(Metrics::new());
+    let https = match certificates {
+        Some(certificates) => {
+            let tls_metrics = proxy::tls::TlsMetrics::register(metrics.registry())
+                .map_err(|err| format!("tls metrics: {err}"))?;
+            let acceptor = TlsAcceptor::new(
+                &certificates,
+                cli.tls_client_ca.as_deref(),
+                cli.tls_handshake_timeout,
+                tls_metrics.clone(),
+            )
+            .map_err(|err| format!("tls: {err}"))?;
+            Some((certificates, acceptor, tls_metrics))
+        }
+        None => None,
+    };
     let watcher = match &cli.discovery {
         Some(dsn) => {
             let registry = discovery::from_dsn(dsn).map_err(|err| format!("--discovery: {err}"))?;
@@ -99,17 +185,25 @@ async fn serve_until_shutdown(
             .map_err(|err| format!("listen on {addr}: {err}"))?;
         listeners.push(listener);
     }
+    let mut tls_listeners = Vec::new();
+    for addr in &cli.tls_addrs {
+        let listener = TcpListener::bind(addr)
+            .await
+            .map_err(|err| format!("listen on {addr} (--tls-addr): {err}"))?;
+        tls_listeners.push(listener);
+    }
     if cli.demo {
         demo::start("127.0.0.1:8000")
             .await
             .map_err(|err| format!("demo upstream: {err}"))?;
     }
-    let metrics = Arc::new(Metrics::new());
     let clients = client::Factory::new(client::ClientOptions::default(), watcher.clone());
     let mut registry = middleware::Registry::new();
     middleware_builtin::register_all(&mut registry, clients.clone());
     let proxy = Arc::new(
-        Proxy::new(clients, registry, metrics.clone()).with_close_grace(cli.shutdown_grace),
+        Proxy::new(clients, registry, metrics.clone())
+            .with_close_grace(cli.shutdown_grace)
+            .with_tunnel_idle_timeout(cli.tunnel_idle_timeout),
     );
     proxy
         .update(&loaded.gateway)
@@ -167,12 +261,38 @@ async fn serve_until_shutdown(
             shutdown.clone(),
         )));
     }
-    on_ready(local_addrs);
+    let mut tls_addrs = Vec::new();
+    let mut certificate_reloads = None;
+    if let Some((certificates, acceptor, tls_metrics)) = https {
+        for listener in tls_listeners {
+            let local = listener.local_addr().map_err(|err| err.to_string())?;
+            tls_addrs.push(local);
+            tracing::info!(addr = %local, names = ?certificates.names(), "listening (https)");
+            servers.push(tokio::spawn(serve_tls(
+                listener,
+                options.clone(),
+                acceptor.clone(),
+                edge.clone(),
+                shutdown.clone(),
+            )));
+        }
+        certificate_reloads =
+            Some(certificates.watch(cli.reload_interval, shutdown.clone(), tls_metrics));
+    }
+    on_ready(Listening {
+        addrs: local_addrs,
+        tls_addrs,
+    });
     shutdown.cancelled().await;
     tracing::info!("shutting down: draining in-flight requests");
     for server in servers {
         let _ = server.await;
     }
+    // Requests have drained (or the grace ran out); tunnels are not requests, close them now.
+    proxy.close_tunnels();
     let _ = reloads.await;
+    if let Some(certificate_reloads) = certificate_reloads {
+        let _ = certificate_reloads.await;
+    }
     Ok(())
 }

@@ -75,6 +75,33 @@ fn unparsable_dsn_exits_2() {
     assert!(stderr.contains("--discovery"), "{stderr}");
 }
 
+#[test]
+fn unusable_tls_flags_exit_2_with_one_line() {
+    let (_dir, path) = write_temp("ok.yaml", "name: t\nendpoints: []\n");
+    let base = [
+        "--conf",
+        &path,
+        "--addr",
+        "127.0.0.1:0",
+        "--tls-addr",
+        "127.0.0.1:0",
+    ];
+    let (code, stderr) = run_to_exit(&base);
+    assert_eq!(code, 2);
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("--tls-addr needs"), "{stderr}");
+    let missing = [
+        "--tls-cert",
+        "/nonexistent/server.crt",
+        "--tls-key",
+        "/nonexistent/server.key",
+    ];
+    let (code, stderr) = run_to_exit(&[&base[..], &missing[..]].concat());
+    assert_eq!(code, 2);
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("/nonexistent/server.crt"), "{stderr}");
+}
+
 /// An upstream that answers after `delay`, on its own thread.
 fn slow_upstream(delay: Duration) -> u16 {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();

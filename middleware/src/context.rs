@@ -75,6 +75,19 @@ pub struct RequestOptions {
     pub tried: Vec<String>,
     /// The node picked by the latest attempt.
     pub backend: Arc<BackendSlot>,
+    /// The client's certificate, on an HTTPS listener that verifies them (`--tls-client-ca`).
+    pub client_certificate: Option<Arc<ClientCertificate>>,
+}
+
+/// The certificate a client presented on an HTTPS listener with client authentication,
+/// already verified against the configured CA. The server puts it in each request's
+/// extensions (as `Arc<ClientCertificate>`); the proxy copies it into [`RequestOptions`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientCertificate {
+    /// The subject distinguished name, RFC 4514 style (`CN=alice,O=Example`).
+    pub subject: String,
+    /// The leaf certificate, DER, for middlewares that need more of it.
+    pub der: bytes::Bytes,
 }
 
 impl RequestOptions {
@@ -87,6 +100,14 @@ impl RequestOptions {
             filters: Vec::new(),
             tried: Vec::new(),
             backend: Arc::new(BackendSlot::default()),
+            client_certificate: None,
         }
+    }
+
+    /// Takes the verified client certificate from a downstream request's `extensions`, if
+    /// the connection carried one.
+    pub fn with_client_certificate(mut self, extensions: &http::Extensions) -> Self {
+        self.client_certificate = extensions.get::<Arc<ClientCertificate>>().cloned();
+        self
     }
 }

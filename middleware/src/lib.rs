@@ -1,6 +1,6 @@
 //! Middleware v2: a middleware turns the next [`RoundTripper`] into a new one.
 //!
-//! In Rust a RoundTripper is a cloneable tower [`Service`] from `Request<Body>` to
+//! In Rust a RoundTripper is a cloneable tower [`Service`](tower::Service) from `Request<Body>` to
 //! `Response<Body>`; a middleware is built by a [`Factory`] from the YAML entry
 //! `{name, options, required}` and wraps it like a tower `Layer`. The first middleware
 //! listed is the outermost, so requests pass in listed order and responses in reverse.
@@ -17,7 +17,7 @@ pub mod denials;
 pub mod hooks;
 
 pub use body::{Body, BoxError, empty_body, full_body};
-pub use context::{BackendSlot, EndpointInfo, RequestOptions};
+pub use context::{BackendSlot, ClientCertificate, EndpointInfo, RequestOptions};
 pub use registry::{
     BuildContext, BuildError, Capabilities, Factory, Middleware, Registry, options,
 };

@@ -7,7 +7,7 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::{HeaderMap, Method, Request, Response, Uri, Version};
+use http::{HeaderMap, Method, Request, Response, StatusCode, Uri, Version};
 use http_body::{Body as HttpBody, Frame, SizeHint};
 use http_body_util::BodyExt;
 use middleware::{Body, BoxError, EndpointInfo, Middleware, RequestOptions, RoundTripper};
@@ -15,10 +15,14 @@ use tower::Service;
 use tower::util::BoxCloneSyncService;
 
 use crate::error::ProxyError;
-use crate::headers::{append_forwarded_for, strip_hop_by_hop};
+use crate::headers::{
+    HopByHop, MAY_UPGRADE, append_forwarded_for, asks_upgrade, hop_by_hop_present,
+    strip_hop_by_hop, strip_keeping_upgrade, strip_present,
+};
 use crate::metrics::{EndpointMetrics, Metrics};
 use crate::render::{Dialect, error_response, rendered};
 use crate::retry::RetryPolicy;
+use crate::tunnel::Tunnels;
 
 /// Request bodies up to this size are buffered so a retry can replay them; larger or
 /// unsized bodies stream through and are not retried.
@@ -51,6 +55,7 @@ pub struct EndpointHandler {
     /// A middleware answers CORS preflights for this endpoint.
     answers_preflight: bool,
     dialect: Dialect,
+    tunnels: Tunnels,
 }
 
 struct Head {
@@ -107,7 +112,15 @@ impl EndpointHandler {
             middlewares,
             timeout: spec.timeout.filter(|d| !d.is_zero()),
             retry: RetryPolicy::new(spec.retry),
+            tunnels: Tunnels::default(),
         }
+    }
+
+    /// Opens this endpoint's upgrade tunnels among `tunnels` (the proxy's, so they share
+    /// its idle timeout and close with it).
+    pub(crate) fn with_tunnels(mut self, tunnels: Tunnels) -> Self {
+        self.tunnels = tunnels;
+        self
     }
 
     /// Whether a middleware of this endpoint answers CORS preflights.
@@ -135,6 +148,17 @@ impl EndpointHandler {
 
     /// Proxies one request; every failure becomes a response.
     pub async fn serve(&self, req: Request<Body>, remote: SocketAddr) -> Response<Body> {
+        // Found once here, reused when the headers are stripped: the upgrade check costs a
+        // request without both `Connection` and `Upgrade` one comparison.
+        let present = hop_by_hop_present(req.headers());
+        if present & MAY_UPGRADE == MAY_UPGRADE
+            && req.version() == Version::HTTP_11
+            && self.dialect == Dialect::Http
+            && asks_upgrade(req.headers(), present)
+        {
+            // Boxed so the ordinary request's future does not carry the upgrade's state.
+            return Box::pin(self.serve_upgrade(req, remote, present)).await;
+        }
         self.in_flight.inc();
         let _in_flight = GaugeGuard(&self.in_flight);
         if self.retry.attempts > 1 {
@@ -148,7 +172,8 @@ impl EndpointHandler {
             uri: (!self.middleware_access_log
                 && tracing::enabled!(target: "access", tracing::Level::INFO))
             .then(|| parts.uri.clone()),
-            options: RequestOptions::new(self.info.clone(), Some(remote)),
+            options: RequestOptions::new(self.info.clone(), Some(remote))
+                .with_client_certificate(&parts.extensions),
             finished: false,
         };
         let mut head = Head {
@@ -158,7 +183,7 @@ impl EndpointHandler {
             headers: parts.headers,
         };
         let grpc = self.info.protocol == configs::Protocol::Grpc;
-        strip_hop_by_hop(&mut head.headers, grpc);
+        strip_present(&mut head.headers, present, grpc);
         append_forwarded_for(&mut head.headers, remote.ip());
         if let Some(length) = body.size_hint().exact() {
             self.metrics.rx_bytes.inc_by(length);
@@ -192,8 +217,12 @@ impl EndpointHandler {
             }
         };
         record.finish(response.status().as_u16());
-        // A body of known length is counted at once; only streams of unknown length are
-        // wrapped to count as they flow.
+        self.count_tx(response)
+    }
+
+    /// Counts the response body into `tx_bytes`: a body of known length at once; only
+    /// streams of unknown length are wrapped to count as they flow.
+    fn count_tx(&self, response: Response<Body>) -> Response<Body> {
         if let Some(length) = response.body().size_hint().exact() {
             self.metrics.tx_bytes.inc_by(length);
             return response;
@@ -207,6 +236,108 @@ impl EndpointHandler {
             }
             .boxed_unsync()
         })
+    }
+
+    /// Proxies an HTTP/1.1 upgrade request (WebSocket or any other protocol): one attempt
+    /// through the middleware chain (a refusal never reaches the upstream), no retry, no
+    /// body replay, bounded by the endpoint's `timeout` and `perTryTimeout` until the
+    /// answer's head. A `101` answer opens a tunnel between the two connections; any other
+    /// answer is passed back as an ordinary response.
+    async fn serve_upgrade(
+        &self,
+        mut req: Request<Body>,
+        remote: SocketAddr,
+        present: HopByHop,
+    ) -> Response<Body> {
+        // Taken before the request is taken apart: it resolves to the client's connection
+        // once the 101 has been written.
+        let downstream = hyper::upgrade::on(&mut req);
+        self.in_flight.inc();
+        let _in_flight = GaugeGuard(&self.in_flight);
+        let (parts, body) = req.into_parts();
+        let mut record = Record {
+            handler: self,
+            start: Instant::now(),
+            method: parts.method.clone(),
+            uri: (!self.middleware_access_log
+                && tracing::enabled!(target: "access", tracing::Level::INFO))
+            .then(|| parts.uri.clone()),
+            options: RequestOptions::new(self.info.clone(), Some(remote))
+                .with_client_certificate(&parts.extensions),
+            finished: false,
+        };
+        let mut headers = parts.headers;
+        strip_keeping_upgrade(&mut headers, present);
+        append_forwarded_for(&mut headers, remote.ip());
+        if let Some(length) = body.size_hint().exact() {
+            self.metrics.rx_bytes.inc_by(length);
+        }
+        let mut request = Request::new(body);
+        *request.method_mut() = parts.method;
+        *request.uri_mut() = parts.uri;
+        *request.version_mut() = parts.version;
+        *request.headers_mut() = headers;
+        let attempt = async {
+            match &self.tripper {
+                Some(tripper) => {
+                    request.extensions_mut().insert(record.options.clone());
+                    let call = round_trip(tripper.clone(), request);
+                    within(self.retry.per_try_timeout, call)
+                        .await
+                        .and_then(|result| result.map_err(ProxyError::from_round_trip))
+                }
+                None => within(
+                    self.retry.per_try_timeout,
+                    self.client.send(request, &record.options),
+                )
+                .await
+                .and_then(|result| result.map_err(ProxyError::from_client)),
+            }
+        };
+        let outcome = match self.timeout {
+            Some(timeout) => tokio::time::timeout(timeout, attempt)
+                .await
+                .unwrap_or(Err(ProxyError::Timeout)),
+            None => attempt.await,
+        };
+        let outcome = outcome.and_then(|mut response| {
+            if response.status() != StatusCode::SWITCHING_PROTOCOLS {
+                strip_hop_by_hop(response.headers_mut(), false);
+                return Ok(if self.tripper.is_some() {
+                    rendered(response, self.dialect)
+                } else {
+                    response
+                });
+            }
+            // A 101 whose connection cannot be taken over (a middleware rebuilt the
+            // response) would leave the client waiting on a dead tunnel.
+            let upstream = response
+                .extensions_mut()
+                .remove::<hyper::upgrade::OnUpgrade>()
+                .ok_or_else(|| {
+                    ProxyError::Upstream("101 without an upgradable connection".into())
+                })?;
+            let present = hop_by_hop_present(response.headers());
+            strip_keeping_upgrade(response.headers_mut(), present);
+            self.tunnels.open(
+                downstream,
+                upstream,
+                self.metrics.tunnel().clone(),
+                self.info.clone(),
+            );
+            Ok(response)
+        });
+        let response = match outcome {
+            Ok(response) => response,
+            Err(err) => {
+                let backend = record.options.backend.get();
+                let backend = backend.as_ref().map_or("", |node| node.address.as_str());
+                tracing::warn!(endpoint = %self.info.path, backend, side = ?err.side(), error = %err, "upgrade request failed");
+                error_response(&err, self.dialect)
+            }
+        };
+        record.finish(response.status().as_u16());
+        self.count_tx(response)
     }
 
     async fn attempts(

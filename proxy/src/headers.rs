@@ -17,17 +17,69 @@ static HOP_BY_HOP: [HeaderName; 9] = [
     UPGRADE,
 ];
 
-/// Removes hop-by-hop headers and every header named in `Connection` (RFC 9110 §7.6.1).
-/// `TE: trailers` survives when `keep_te_trailers` (gRPC needs it end to end).
-pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap, keep_te_trailers: bool) {
-    // One pass over the names finds which hop-by-hop headers are present (usually none,
-    // or just `Connection: keep-alive`); only those are looked up and removed.
-    let mut present = 0u16;
+/// Which hop-by-hop headers a message carries: bit `i` stands for `HOP_BY_HOP[i]`.
+pub(crate) type HopByHop = u16;
+
+/// `Connection` and `Upgrade` both present: the message may ask for (or grant) an upgrade.
+pub(crate) const MAY_UPGRADE: HopByHop = 1 << CONNECTION_INDEX | 1 << UPGRADE_INDEX;
+
+/// One pass over the names finds which hop-by-hop headers are present (usually none, or
+/// just `Connection: keep-alive`); only those are later looked up and removed.
+pub(crate) fn hop_by_hop_present(headers: &HeaderMap) -> HopByHop {
+    let mut present = 0;
     for name in headers.keys() {
         if let Some(i) = hop_by_hop_index(name) {
             present |= 1 << i;
         }
     }
+    present
+}
+
+/// Removes hop-by-hop headers and every header named in `Connection` (RFC 9110 §7.6.1).
+/// `TE: trailers` survives when `keep_te_trailers` (gRPC needs it end to end).
+pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap, keep_te_trailers: bool) {
+    let present = hop_by_hop_present(headers);
+    strip_present(headers, present, keep_te_trailers);
+}
+
+/// Whether a message whose hop-by-hop headers are `present` asks for an upgrade that may
+/// be tunnelled: an `Upgrade` header, and `upgrade` among the `Connection` tokens (RFC 9110
+/// §7.8). Only messages carrying both headers pay for the token scans.
+///
+/// `Upgrade: h2c` is never tunnelled: behind it the client would speak HTTP/2 to the node
+/// directly, every later request bypassing routing and middlewares ("h2c smuggling");
+/// RFC 9113 has dropped that upgrade anyway. Such a request is served as an ordinary one.
+pub(crate) fn asks_upgrade(headers: &HeaderMap, present: HopByHop) -> bool {
+    present & MAY_UPGRADE == MAY_UPGRADE
+        && has_token(headers, &CONNECTION, b"upgrade")
+        && !has_token(headers, &UPGRADE, b"h2c")
+}
+
+/// Whether a comma-separated header lists `token` (case-insensitively; an `Upgrade`
+/// protocol's `/version` is part of its token, so `h2c` does not match `h2c/1`).
+fn has_token(headers: &HeaderMap, name: &HeaderName, token: &[u8]) -> bool {
+    headers.get_all(name).iter().any(|value| {
+        value
+            .as_bytes()
+            .split(|&b| b == b',')
+            .any(|listed| listed.trim_ascii().eq_ignore_ascii_case(token))
+    })
+}
+
+/// The hop-by-hop rules for an upgrade request or its `101` answer: every hop-by-hop
+/// header goes (as in [`strip_hop_by_hop`]) except the upgrade itself, which is forwarded
+/// as `Connection: upgrade` and the message's own `Upgrade` values.
+pub(crate) fn strip_keeping_upgrade(headers: &mut HeaderMap, present: HopByHop) {
+    let protocols: Vec<HeaderValue> = headers.get_all(UPGRADE).iter().cloned().collect();
+    strip_present(headers, present, false);
+    headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
+    for protocol in protocols {
+        headers.append(UPGRADE, protocol);
+    }
+}
+
+/// [`strip_hop_by_hop`] with the presence scan already done.
+pub(crate) fn strip_present(headers: &mut HeaderMap, present: HopByHop, keep_te_trailers: bool) {
     if present == 0 {
         return;
     }
@@ -36,7 +88,7 @@ pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap, keep_te_trailers: bool) 
         && headers
             .get(TE)
             .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
-    if present & 1 != 0 {
+    if present & (1 << CONNECTION_INDEX) != 0 {
         let listed: Vec<HeaderName> = headers
             .get_all(CONNECTION)
             .iter()
@@ -61,11 +113,13 @@ pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap, keep_te_trailers: bool) 
     }
 }
 
+const CONNECTION_INDEX: usize = 0;
 const TE_INDEX: usize = 5;
+const UPGRADE_INDEX: usize = 8;
 
 fn hop_by_hop_index(name: &HeaderName) -> Option<usize> {
     Some(match name.as_str() {
-        "connection" => 0,
+        "connection" => CONNECTION_INDEX,
         "keep-alive" => 1,
         "proxy-connection" => 2,
         "proxy-authenticate" => 3,
@@ -73,7 +127,7 @@ fn hop_by_hop_index(name: &HeaderName) -> Option<usize> {
         "te" => TE_INDEX,
         "trailer" => 6,
         "transfer-encoding" => 7,
-        "upgrade" => 8,
+        "upgrade" => UPGRADE_INDEX,
         _ => return None,
     })
 }
@@ -179,6 +233,47 @@ mod tests {
         h.insert(TE, HeaderValue::from_static("trailers"));
         strip_hop_by_hop(&mut h, true);
         assert_eq!(h.get(TE).map(|v| v.as_bytes()), Some(&b"trailers"[..]));
+    }
+
+    #[test]
+    fn upgrades_are_recognised_and_kept() {
+        let mut h = HeaderMap::new();
+        h.insert(CONNECTION, HeaderValue::from_static("keep-alive, Upgrade"));
+        h.insert(UPGRADE, HeaderValue::from_static("websocket"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert("sec-websocket-key", HeaderValue::from_static("x"));
+        let present = hop_by_hop_present(&h);
+        assert!(asks_upgrade(&h, present));
+        strip_keeping_upgrade(&mut h, present);
+        assert_eq!(h[CONNECTION], "upgrade");
+        assert_eq!(h[UPGRADE], "websocket");
+        assert!(h.contains_key("sec-websocket-key"));
+        assert!(!h.contains_key("keep-alive"));
+        assert_eq!(h.len(), 3);
+
+        // `Upgrade` without the `upgrade` token in `Connection` (or without `Connection`)
+        // is no upgrade, and is stripped like any hop-by-hop header.
+        for connection in [Some("keep-alive"), Some("upgraded"), None] {
+            let mut h = HeaderMap::new();
+            h.insert(UPGRADE, HeaderValue::from_static("websocket"));
+            if let Some(connection) = connection {
+                h.insert(CONNECTION, HeaderValue::from_static(connection));
+            }
+            assert!(!asks_upgrade(&h, hop_by_hop_present(&h)), "{connection:?}");
+            strip_hop_by_hop(&mut h, false);
+            assert!(h.is_empty());
+        }
+
+        // An h2c upgrade is no tunnel, alone or among other protocols.
+        for protocols in ["h2c", "websocket, H2C"] {
+            let mut h = HeaderMap::new();
+            h.insert(
+                CONNECTION,
+                HeaderValue::from_static("Upgrade, HTTP2-Settings"),
+            );
+            h.insert(UPGRADE, HeaderValue::from_static(protocols));
+            assert!(!asks_upgrade(&h, hop_by_hop_present(&h)), "{protocols}");
+        }
     }
 
     #[test]

@@ -12,6 +12,8 @@ pub mod metrics;
 mod render;
 mod retry;
 pub mod server;
+pub mod tls;
+mod tunnel;
 
 use std::net::SocketAddr;
 use std::panic::AssertUnwindSafe;
@@ -31,6 +33,7 @@ pub use endpoint::{EndpointHandler, EndpointSpec};
 pub use error::{ProxyError, Side};
 pub use metrics::Metrics;
 pub use render::{Dialect, error_response, rendered};
+pub use tunnel::{DEFAULT_TUNNEL_IDLE_TIMEOUT, HALF_CLOSED_LINGER};
 
 /// How long a replaced router waits for its in-flight requests before closing its clients.
 pub const DEFAULT_CLOSE_GRACE: Duration = Duration::from_secs(30);
@@ -96,11 +99,16 @@ pub struct Proxy {
     middlewares: Registry,
     metrics: Arc<Metrics>,
     close_grace: Duration,
+    /// Every upgrade tunnel of every router this proxy builds; they outlive reloads.
+    tunnels: tunnel::Tunnels,
+    /// Closes the tunnels when the proxy goes away (after the server's shutdown grace).
+    _close_tunnels: tokio_util::sync::DropGuard,
 }
 
 impl Proxy {
     /// A proxy with an empty router (every request gets 404 until the first update).
     pub fn new(clients: client::Factory, middlewares: Registry, metrics: Arc<Metrics>) -> Self {
+        let tunnels = tunnel::Tunnels::default();
         Self {
             state: ArcSwap::from_pointee(RouterState {
                 router: MuxRouter::new(),
@@ -111,7 +119,23 @@ impl Proxy {
             middlewares,
             metrics,
             close_grace: DEFAULT_CLOSE_GRACE,
+            _close_tunnels: tunnels.cancel_token().drop_guard(),
+            tunnels,
         }
+    }
+
+    /// Sets how long an upgrade tunnel (WebSocket, ...) may carry no byte either way before
+    /// both sides are closed (default [`DEFAULT_TUNNEL_IDLE_TIMEOUT`], 60 s; zero means the
+    /// default). Applies to the endpoints built by later updates.
+    pub fn with_tunnel_idle_timeout(mut self, idle_timeout: Duration) -> Self {
+        self.tunnels = self.tunnels.with_idle_timeout(idle_timeout);
+        self
+    }
+
+    /// Closes every open upgrade tunnel, e.g. once a shutdown's grace has passed. Dropping
+    /// the proxy does it too, so tunnels end with the gateway that opened them.
+    pub fn close_tunnels(&self) {
+        self.tunnels.close();
     }
 
     /// Sets how long a replaced router may drain before its clients are closed.
@@ -234,13 +258,10 @@ impl Proxy {
             timeout: endpoint.timeout,
             retry: endpoint.retry.as_ref(),
         };
-        Ok(Arc::new(EndpointHandler::new(
-            info,
-            spec,
-            client,
-            built,
-            &self.metrics,
-        )))
+        Ok(Arc::new(
+            EndpointHandler::new(info, spec, client, built, &self.metrics)
+                .with_tunnels(self.tunnels.clone()),
+        ))
     }
 
     /// Routes shown by `/debug/proxy/router/inspect`.

@@ -11,8 +11,8 @@ use middleware::EndpointInfo;
 use middleware::denials::{Counter, DenialCounter, Denials};
 
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
-    TextEncoder,
+    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
 
 const ENDPOINT_LABELS: [&str; 5] = ["protocol", "method", "path", "service", "basePath"];
@@ -39,6 +39,12 @@ pub struct Metrics {
     pub connections: IntGauge,
     /// `gateway_requests_in_flight`: requests being proxied now.
     pub in_flight: IntGauge,
+    /// `gateway_tunnels_open{protocol,method,path,service,basePath}`: upgraded connections
+    /// (WebSocket and other HTTP/1.1 upgrades) being tunnelled now.
+    pub tunnels_open: IntGaugeVec,
+    /// `gateway_tunnels_opened_total{protocol,method,path,service,basePath}`: tunnels
+    /// established since start.
+    pub tunnels_opened: IntCounterVec,
 }
 
 impl Default for Metrics {
@@ -116,6 +122,19 @@ impl Metrics {
             .expect("valid metric");
         let in_flight = IntGauge::new("gateway_requests_in_flight", "Requests being proxied.")
             .expect("valid metric");
+        let tunnels_open = IntGaugeVec::new(
+            Opts::new(
+                "gateway_tunnels_open",
+                "Upgraded connections (WebSocket, ...) being tunnelled.",
+            ),
+            &ENDPOINT_LABELS,
+        )
+        .expect("valid metric");
+        let tunnels_opened = IntCounterVec::new(
+            Opts::new("gateway_tunnels_opened_total", "Tunnels established."),
+            &ENDPOINT_LABELS,
+        )
+        .expect("valid metric");
         for collector in [
             Box::new(requests_code.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(requests_duration.clone()),
@@ -126,6 +145,8 @@ impl Metrics {
             Box::new(middleware_build_failures.clone()),
             Box::new(connections.clone()),
             Box::new(in_flight.clone()),
+            Box::new(tunnels_open.clone()),
+            Box::new(tunnels_opened.clone()),
         ] {
             registry
                 .register(collector)
@@ -142,6 +163,8 @@ impl Metrics {
             middleware_build_failures,
             connections,
             in_flight,
+            tunnels_open,
+            tunnels_opened,
         }
     }
 
@@ -197,6 +220,9 @@ impl Metrics {
                 labels[0], labels[1], labels[2], labels[3], labels[4], "false",
             ]),
             codes: Default::default(),
+            tunnels_open: self.tunnels_open.clone(),
+            tunnels_opened: self.tunnels_opened.clone(),
+            tunnels: OnceLock::new(),
         }
     }
 }
@@ -234,6 +260,23 @@ pub struct EndpointMetrics {
     /// Retried requests that ended badly.
     pub retry_failure: IntCounter,
     codes: [OnceLock<(u16, IntCounter)>; 8],
+    tunnels_open: IntGaugeVec,
+    tunnels_opened: IntCounterVec,
+    /// Resolved at the first tunnel, so endpoints that never upgrade export no series.
+    tunnels: OnceLock<TunnelMetrics>,
+}
+
+/// Metric handles a tunnel updates while it lives (its endpoint's series).
+#[derive(Clone)]
+pub struct TunnelMetrics {
+    /// Open tunnels of the endpoint.
+    pub open: IntGauge,
+    /// Tunnels the endpoint established.
+    pub opened: IntCounter,
+    /// The endpoint's `rx_bytes`: bytes the client sent through the tunnel.
+    pub rx_bytes: IntCounter,
+    /// The endpoint's `tx_bytes`: bytes the upstream sent through the tunnel.
+    pub tx_bytes: IntCounter,
 }
 
 impl EndpointMetrics {
@@ -252,6 +295,20 @@ impl EndpointMetrics {
             }
         }
         self.code_counter(code).inc();
+    }
+
+    /// The handles of this endpoint's tunnels.
+    pub fn tunnel(&self) -> &TunnelMetrics {
+        self.tunnels.get_or_init(|| {
+            let [protocol, method, path, service, base_path] = &self.labels;
+            let labels = [protocol, method, path, service, base_path].map(String::as_str);
+            TunnelMetrics {
+                open: self.tunnels_open.with_label_values(&labels),
+                opened: self.tunnels_opened.with_label_values(&labels),
+                rx_bytes: self.rx_bytes.clone(),
+                tx_bytes: self.tx_bytes.clone(),
+            }
+        })
     }
 
     fn code_counter(&self, code: u16) -> IntCounter {

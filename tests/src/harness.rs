@@ -144,6 +144,8 @@ impl Drop for Upstream {
 pub struct TestGateway {
     /// The first listening address.
     pub addr: SocketAddr,
+    /// The HTTPS listeners' addresses (`--tls-addr`), in flag order.
+    pub tls_addrs: Vec<SocketAddr>,
     /// The config file it watches.
     pub conf: PathBuf,
     /// Scratch directory holding the config (and anything a test adds).
@@ -160,7 +162,16 @@ impl TestGateway {
 
     /// Starts a gateway on `yaml` with extra command-line flags; returns the start-up error.
     pub async fn start_with(yaml: &str, extra_flags: &[&str]) -> Result<TestGateway, String> {
-        let dir = tempfile::tempdir().expect("tempdir");
+        Self::start_in(tempfile::tempdir().expect("tempdir"), yaml, extra_flags).await
+    }
+
+    /// [`TestGateway::start_with`] in a scratch directory the test has already filled (with
+    /// files its flags name, such as certificates); it becomes [`TestGateway::dir`].
+    pub async fn start_in(
+        dir: tempfile::TempDir,
+        yaml: &str,
+        extra_flags: &[&str],
+    ) -> Result<TestGateway, String> {
         let conf = dir.path().join("gateway.yaml");
         std::fs::write(&conf, yaml).expect("write config");
         let mut args: Vec<String> = [
@@ -182,12 +193,13 @@ impl TestGateway {
         let cli = cmd::Cli::try_parse_from(args).map_err(|e| e.to_string())?;
         let shutdown = CancellationToken::new();
         let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
-        let task = tokio::spawn(cmd::run(cli, shutdown.clone(), move |addrs| {
-            let _ = ready_tx.send(addrs);
+        let task = tokio::spawn(cmd::run(cli, shutdown.clone(), move |listening| {
+            let _ = ready_tx.send(listening);
         }));
         match ready_rx.await {
-            Ok(addrs) => Ok(TestGateway {
-                addr: addrs[0],
+            Ok(listening) => Ok(TestGateway {
+                addr: listening.addrs[0],
+                tls_addrs: listening.tls_addrs,
                 conf,
                 dir,
                 shutdown,
@@ -198,6 +210,11 @@ impl TestGateway {
                 other => Err(format!("gateway ended before it was ready: {other:?}")),
             },
         }
+    }
+
+    /// The first HTTPS listener's address; panics when started without `--tls-addr`.
+    pub fn tls_addr(&self) -> SocketAddr {
+        *self.tls_addrs.first().expect("started with --tls-addr")
     }
 
     /// `http://127.0.0.1:PORT{path}`.

@@ -6,4 +6,5 @@ pub mod etcd;
 pub mod eventually;
 pub mod harness;
 pub mod metrics;
+pub mod tls;
 pub mod watch;
