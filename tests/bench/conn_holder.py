@@ -6,10 +6,14 @@ accepted and served it, then stays open and idle. When all are up, the number th
 complete response is written to READY_FILE; the script then sleeps until it is killed
 (at most 10 minutes). Needs `ulimit -n` above N.
 
-usage: conn_holder.py HOST PORT N READY_FILE
+With a fifth argument `tls`, each connection is a TLS connection (certificate not
+verified; the handshake completes before the request is sent), for the TLS scenario.
+
+usage: conn_holder.py HOST PORT N READY_FILE [tls]
 """
 
 import socket
+import ssl
 import sys
 import time
 
@@ -43,11 +47,19 @@ def read_response(sock: socket.socket) -> bool:
 
 def main() -> int:
     host, port, count, ready_file = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+    context = None
+    if len(sys.argv) > 5 and sys.argv[5] == "tls":
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+        context.set_alpn_protocols(["http/1.1"])
     held = []
     for start in range(0, count, BATCH):
         batch = []
         for _ in range(min(BATCH, count - start)):
             sock = socket.create_connection((host, port), timeout=10)
+            if context is not None:
+                sock = context.wrap_socket(sock, server_hostname="localhost")
             sock.sendall(REQUEST)
             batch.append(sock)
         for sock in batch:

@@ -4,7 +4,7 @@
 usage: report.py RESULTS.tsv OUT.md OUT.svg
 
 RESULTS.tsv has one line per measurement: GROUP, TARGET, METRIC, VALUE (tab-separated).
-Groups: main, middleware, selector, routes, memory (numbers); meta, skip, note (text).
+Groups: main, middleware, selector, routes, memory, tls (numbers); meta, skip, note (text).
 Every figure is shown as median [min–max] over the rounds.
 """
 
@@ -167,13 +167,14 @@ def scenario_table(data, out, group, title, variants, columns, baseline=None):
 
 
 def variants_title(group):
-    return {"middleware": "config", "selector": "selector", "routes": "endpoints", "memory": "target"}[group]
+    return {"middleware": "config", "selector": "selector", "routes": "endpoints", "memory": "target",
+            "tls": "target"}[group]
 
 
 def scenarios(data, out):
     load_cols = [("rps", "req/s", "int"), ("p50_ms", "p50 ms", "ms"), ("p99_ms", "p99 ms", "ms"),
                  ("cpu_us", "CPU µs/req", "us"), ("errors", "errors", "int")]
-    if any(k[0] in ("middleware", "selector", "routes", "memory") for k in data):
+    if any(k[0] in ("middleware", "selector", "routes", "memory", "tls") for k in data):
         out.append("## Gateway scenarios\n")
     scenario_table(data, out, "middleware", "Middleware chain (logging, cors, ratelimit, rewrite) vs bare",
                    ["bare", "chain"], load_cols + [("ir", "Ir/req", "int")], ("bare", "bare"))
@@ -186,21 +187,32 @@ def scenarios(data, out):
     if sizes:
         out.append("start: from exec to the first 200 on the last route; reload: from writing the new")
         out.append("file to the first 200 on its changed route, with `--reload-interval 100ms`.\n")
-    targets = [t for t in TARGETS if any(k[0] == "memory" and k[1] == t for k in data)]
-    if targets:
-        conns = max(max(data[("memory", t, "conns")] or [0]) for t in targets)
-        out.append(f"### Memory: RSS idle and with {conns:,.0f} idle keep-alive connections\n")
-        out.append("| target | RSS idle MiB | RSS with conns MiB | KiB per conn | RSS after close MiB | conns held |")
-        out.append("|---|---|---|---|---|---|")
-        for t in targets:
-            idle = median(data[("memory", t, "rss_idle_kb")])
-            held = median(data[("memory", t, "rss_conns_kb")])
-            n = median(data[("memory", t, "conns")])
-            per = (held - idle) / n if idle is not None and held is not None and n else None
-            after = median(data[("memory", t, "rss_after_kb")])
-            out.append(f"| {t} | {fmt(idle, 'kib')} | {fmt(held, 'kib')} | {fmt(per, 'us')} | "
-                       f"{fmt(after, 'kib')} | {fmt(n, 'int')} |")
-        out.append("")
+    memory_table(data, out, "memory", "keep-alive connections", TARGETS)
+    tls_rows = ["nginx", "gateway"]
+    scenario_table(data, out, "tls", "TLS keep-alive (same certificate, TLS 1.3, HTTP/1.1)",
+                   [f"{t}-keepalive" for t in tls_rows], load_cols, ("nginx-keepalive", "nginx"))
+    scenario_table(data, out, "tls", "TLS new handshakes (`Connection: close`: one request per connection)",
+                   [f"{t}-handshake" for t in tls_rows], load_cols, ("nginx-handshake", "nginx"))
+    memory_table(data, out, "tls", "TLS keep-alive connections", tls_rows)
+
+
+def memory_table(data, out, group, what, candidates):
+    targets = [t for t in candidates if any(k[0] == group and k[1] == t for k in data)]
+    if not targets:
+        return
+    conns = max(max(data[(group, t, "conns")] or [0]) for t in targets)
+    out.append(f"### Memory: RSS idle and with {conns:,.0f} idle {what}\n")
+    out.append("| target | RSS idle MiB | RSS with conns MiB | KiB per conn | RSS after close MiB | conns held |")
+    out.append("|---|---|---|---|---|---|")
+    for t in targets:
+        idle = median(data[(group, t, "rss_idle_kb")])
+        held = median(data[(group, t, "rss_conns_kb")])
+        n = median(data[(group, t, "conns")])
+        per = (held - idle) / n if idle is not None and held is not None and n else None
+        after = median(data[(group, t, "rss_after_kb")])
+        out.append(f"| {t} | {fmt(idle, 'kib')} | {fmt(held, 'kib')} | {fmt(per, 'us')} | "
+                   f"{fmt(after, 'kib')} | {fmt(n, 'int')} |")
+    out.append("")
 
 
 def svg(data, present, path):
