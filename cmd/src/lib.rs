@@ -50,6 +50,9 @@ pub struct Cli {
     /// Serve the /debug/* views (loopback peers without X-Forwarded-For only).
     #[arg(long)]
     pub debug: bool,
+    /// Also serve /metrics on this address (only /metrics; it stays on --addr too).
+    #[arg(long, value_name = "HOST:PORT")]
+    pub metrics_addr: Option<SocketAddr>,
     /// How often the config file (and priority dir) is re-hashed, e.g. 5s, 500ms.
     #[arg(long, default_value = "5s", value_parser = duration)]
     pub reload_interval: Duration,
@@ -116,6 +119,8 @@ pub struct Listening {
     pub addrs: Vec<SocketAddr>,
     /// The HTTPS listeners, in `--tls-addr` order.
     pub tls_addrs: Vec<SocketAddr>,
+    /// The `--metrics-addr` listener.
+    pub metrics_addr: Option<SocketAddr>,
 }
 
 /// Start-up failures are returned as one line; after start-up, errors are logged. A failed
@@ -192,6 +197,14 @@ async fn serve_until_shutdown(
             .map_err(|err| format!("listen on {addr} (--tls-addr): {err}"))?;
         tls_listeners.push(listener);
     }
+    let metrics_listener = match cli.metrics_addr {
+        Some(addr) => Some(
+            TcpListener::bind(addr)
+                .await
+                .map_err(|err| format!("listen on {addr} (--metrics-addr): {err}"))?,
+        ),
+        None => None,
+    };
     if cli.demo {
         demo::start("127.0.0.1:8000")
             .await
@@ -261,6 +274,18 @@ async fn serve_until_shutdown(
             shutdown.clone(),
         )));
     }
+    let mut metrics_addr = None;
+    if let Some(listener) = metrics_listener {
+        let local = listener.local_addr().map_err(|err| err.to_string())?;
+        metrics_addr = Some(local);
+        tracing::info!(addr = %local, "listening (/metrics only)");
+        servers.push(tokio::spawn(serve(
+            listener,
+            options.clone(),
+            Arc::new(Edge::metrics_only(proxy.clone())),
+            shutdown.clone(),
+        )));
+    }
     let mut tls_addrs = Vec::new();
     let mut certificate_reloads = None;
     if let Some((certificates, acceptor, tls_metrics)) = https {
@@ -282,6 +307,7 @@ async fn serve_until_shutdown(
     on_ready(Listening {
         addrs: local_addrs,
         tls_addrs,
+        metrics_addr,
     });
     shutdown.cancelled().await;
     tracing::info!("shutting down: draining in-flight requests");

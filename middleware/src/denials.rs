@@ -17,7 +17,7 @@ pub trait Counter: Send + Sync {
 /// A cheap, cloneable counter handle.
 pub type DenialCounter = Arc<dyn Counter>;
 
-/// Hands out denial counters; the proxy backs it with `gateway_middleware_denied_total`.
+/// Hands out denial counters; the proxy backs it with `go_gateway_middleware_denied_total`.
 pub trait Denials: Send + Sync {
     /// The counter for `middleware` on the endpoint with path pattern `endpoint`, by `reason`.
     fn counter(&self, middleware: &str, endpoint: &str, reason: &str) -> DenialCounter;

@@ -13,16 +13,52 @@ use middleware::Body;
 use crate::Proxy;
 use crate::metrics::Metrics;
 
+/// `/metrics` in Prometheus text format; 403 to a request that came through another proxy
+/// (`X-Forwarded-For` or `Forwarded`), as Kratos answers, so metrics never leak to the
+/// internet through a load balancer in front of the gateway.
+pub(crate) fn metrics_response<B>(metrics: &Metrics, req: &Request<B>) -> Response<Body> {
+    let forwarded = req.headers().contains_key("x-forwarded-for")
+        || req.headers().contains_key(http::header::FORWARDED);
+    if forwarded {
+        let mut response = Response::new(middleware::full_body("forbidden: forwarded request\n"));
+        *response.status_mut() = http::StatusCode::FORBIDDEN;
+        return response;
+    }
+    let mut response = Response::new(middleware::full_body(metrics.encode()));
+    response.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("text/plain; version=0.0.4"),
+    );
+    response
+}
+
 /// The outermost service of every listener.
 pub struct Edge {
     proxy: Arc<Proxy>,
     debug: Option<Arc<debug::DebugMux>>,
+    /// A `--metrics-addr` listener: `/metrics` only, everything else 404.
+    metrics_only: bool,
 }
 
 impl Edge {
     /// An edge in front of `proxy`; `debug` mounts the `/debug/*` views when given.
     pub fn new(proxy: Arc<Proxy>, debug: Option<Arc<debug::DebugMux>>) -> Self {
-        Self { proxy, debug }
+        Self {
+            proxy,
+            debug,
+            metrics_only: false,
+        }
+    }
+
+    /// The edge of a `--metrics-addr` listener: it serves `/metrics` (with the same refusal
+    /// of forwarded requests) and answers 404 to everything else, so no proxied route or
+    /// debug view is reachable through it.
+    pub fn metrics_only(proxy: Arc<Proxy>) -> Self {
+        Self {
+            proxy,
+            debug: None,
+            metrics_only: true,
+        }
     }
 
     /// The metric families (open connections are counted by the server).
@@ -38,11 +74,11 @@ impl Edge {
         remote: SocketAddr,
     ) -> Result<Response<Body>, Infallible> {
         if req.uri().path() == "/metrics" {
-            let mut response = Response::new(middleware::full_body(self.metrics().encode()));
-            response.headers_mut().insert(
-                http::header::CONTENT_TYPE,
-                http::HeaderValue::from_static("text/plain; version=0.0.4"),
-            );
+            return Ok(metrics_response(self.metrics(), &req));
+        }
+        if self.metrics_only {
+            let mut response = Response::new(middleware::full_body("not found\n"));
+            *response.status_mut() = http::StatusCode::NOT_FOUND;
             return Ok(response);
         }
         if let Some(debug) = &self.debug

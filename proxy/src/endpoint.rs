@@ -186,7 +186,7 @@ impl EndpointHandler {
         strip_present(&mut head.headers, present, grpc);
         append_forwarded_for(&mut head.headers, remote.ip());
         if let Some(length) = body.size_hint().exact() {
-            self.metrics.rx_bytes.inc_by(length);
+            self.metrics.of(&head.method).rx_bytes.inc_by(length);
         }
         // Pinned where it is built: the retry loop's state is large, and moving it into the
         // timeout would copy it on every request.
@@ -217,17 +217,18 @@ impl EndpointHandler {
             }
         };
         record.finish(response.status().as_u16());
-        self.count_tx(response)
+        self.count_tx(response, &record.method)
     }
 
     /// Counts the response body into `tx_bytes`: a body of known length at once; only
     /// streams of unknown length are wrapped to count as they flow.
-    fn count_tx(&self, response: Response<Body>) -> Response<Body> {
+    fn count_tx(&self, response: Response<Body>, method: &Method) -> Response<Body> {
+        let tx = &self.metrics.of(method).tx_bytes;
         if let Some(length) = response.body().size_hint().exact() {
-            self.metrics.tx_bytes.inc_by(length);
+            tx.inc_by(length);
             return response;
         }
-        let tx = self.metrics.tx_bytes.clone();
+        let tx = tx.clone();
         response.map(|body| {
             CountingBody {
                 inner: body,
@@ -270,7 +271,7 @@ impl EndpointHandler {
         strip_keeping_upgrade(&mut headers, present);
         append_forwarded_for(&mut headers, remote.ip());
         if let Some(length) = body.size_hint().exact() {
-            self.metrics.rx_bytes.inc_by(length);
+            self.metrics.of(&record.method).rx_bytes.inc_by(length);
         }
         let mut request = Request::new(body);
         *request.method_mut() = parts.method;
@@ -322,7 +323,7 @@ impl EndpointHandler {
             self.tunnels.open(
                 downstream,
                 upstream,
-                self.metrics.tunnel().clone(),
+                self.metrics.of(&record.method).tunnel().clone(),
                 self.info.clone(),
             );
             Ok(response)
@@ -337,7 +338,7 @@ impl EndpointHandler {
             }
         };
         record.finish(response.status().as_u16());
-        self.count_tx(response)
+        self.count_tx(response, &record.method)
     }
 
     async fn attempts(
@@ -468,13 +469,14 @@ impl Record<'_> {
         self.finished = true;
         let handler = self.handler;
         let elapsed = self.start.elapsed();
-        handler.metrics.count_code(status);
-        handler.metrics.duration.observe(elapsed.as_secs_f64());
+        let metrics = handler.metrics.of(&self.method);
+        metrics.count_code(status);
+        metrics.duration.observe(elapsed.as_secs_f64());
         if self.options.attempt > 1 {
             if status < 500 {
-                handler.metrics.retry_success.inc();
+                metrics.retry_success.inc();
             } else {
-                handler.metrics.retry_failure.inc();
+                metrics.retry_failure.inc();
             }
         }
         let Some(uri) = &self.uri else { return };
@@ -509,7 +511,7 @@ impl Drop for GaugeGuard<'_> {
 }
 
 pin_project_lite::pin_project! {
-    /// Counts response bytes into `gateway_requests_tx_bytes` as they stream out.
+    /// Counts response bytes into `go_gateway_requests_tx_bytes` as they stream out.
     struct CountingBody {
         #[pin]
         inner: Body,

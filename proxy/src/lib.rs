@@ -289,6 +289,7 @@ impl Proxy {
         let handler = match state.router.route(req.method().as_str(), host, path) {
             RouteMatch::Found(handler) => handler.clone(),
             RouteMatch::NotFound => {
+                self.metrics.count_unmatched(req.method(), 404);
                 return error_response(&ProxyError::NotFound, Dialect::of_request(&req));
             }
             RouteMatch::MethodNotAllowed => {
@@ -299,6 +300,7 @@ impl Proxy {
                         handler.clone()
                     }
                     _ => {
+                        self.metrics.count_unmatched(req.method(), 405);
                         return error_response(
                             &ProxyError::MethodNotAllowed,
                             Dialect::of_request(&req),

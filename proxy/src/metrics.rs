@@ -7,6 +7,7 @@
 
 use std::sync::{Arc, OnceLock};
 
+use http::Method;
 use middleware::EndpointInfo;
 use middleware::denials::{Counter, DenialCounter, Denials};
 
@@ -20,29 +21,29 @@ const ENDPOINT_LABELS: [&str; 5] = ["protocol", "method", "path", "service", "ba
 /// Every metric family the gateway exports.
 pub struct Metrics {
     registry: Registry,
-    /// `gateway_requests_code_total{protocol,method,path,code,service,basePath}`.
+    /// `go_gateway_requests_code_total{protocol,method,path,code,service,basePath}`.
     pub requests_code: IntCounterVec,
-    /// `gateway_requests_duration_seconds{protocol,method,path,service,basePath}`.
+    /// `go_gateway_requests_duration_seconds{protocol,method,path,service,basePath}`.
     pub requests_duration: HistogramVec,
-    /// `gateway_requests_tx_bytes{...}`: response bytes sent downstream.
+    /// `go_gateway_requests_tx_bytes{...}`: response bytes sent downstream.
     pub tx_bytes: IntCounterVec,
-    /// `gateway_requests_rx_bytes{...}`: request bytes received from downstream.
+    /// `go_gateway_requests_rx_bytes{...}`: request bytes received from downstream.
     pub rx_bytes: IntCounterVec,
-    /// `gateway_requests_retry_state{...,success}`: requests that were retried, by outcome.
+    /// `go_gateway_requests_retry_state{...,success}`: requests that were retried, by outcome.
     pub retry_state: IntCounterVec,
-    /// `gateway_middleware_denied_total{middleware,path,reason}`: requests a middleware stopped
+    /// `go_gateway_middleware_denied_total{middleware,path,reason}`: requests a middleware stopped
     /// (breaker open, rate limited, shed, unauthorised, ...).
     pub middleware_denied: IntCounterVec,
-    /// `gateway_middleware_build_failures_total{middleware}`.
+    /// `go_gateway_middleware_build_failures_total{middleware}`.
     pub middleware_build_failures: IntCounterVec,
-    /// `gateway_connections`: open downstream connections.
+    /// `go_gateway_connections`: open downstream connections.
     pub connections: IntGauge,
-    /// `gateway_requests_in_flight`: requests being proxied now.
+    /// `go_gateway_requests_in_flight`: requests being proxied now.
     pub in_flight: IntGauge,
-    /// `gateway_tunnels_open{protocol,method,path,service,basePath}`: upgraded connections
+    /// `go_gateway_tunnels_open{protocol,method,path,service,basePath}`: upgraded connections
     /// (WebSocket and other HTTP/1.1 upgrades) being tunnelled now.
     pub tunnels_open: IntGaugeVec,
-    /// `gateway_tunnels_opened_total{protocol,method,path,service,basePath}`: tunnels
+    /// `go_gateway_tunnels_opened_total{protocol,method,path,service,basePath}`: tunnels
     /// established since start.
     pub tunnels_opened: IntCounterVec,
 }
@@ -63,14 +64,14 @@ impl Metrics {
         ];
         let requests_code = IntCounterVec::new(
             Opts::new(
-                "gateway_requests_code_total",
+                "go_gateway_requests_code_total",
                 "Requests by endpoint and status code.",
             ),
             &code_labels,
         )
         .expect("valid metric");
         let requests_duration = HistogramVec::new(
-            HistogramOpts::new("gateway_requests_duration_seconds", "Request latency.").buckets(
+            HistogramOpts::new("go_gateway_requests_duration_seconds", "Request latency.").buckets(
                 vec![
                     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
                 ],
@@ -80,7 +81,7 @@ impl Metrics {
         .expect("valid metric");
         let tx_bytes = IntCounterVec::new(
             Opts::new(
-                "gateway_requests_tx_bytes",
+                "go_gateway_requests_tx_bytes",
                 "Response bytes sent downstream.",
             ),
             &ENDPOINT_LABELS,
@@ -88,7 +89,7 @@ impl Metrics {
         .expect("valid metric");
         let rx_bytes = IntCounterVec::new(
             Opts::new(
-                "gateway_requests_rx_bytes",
+                "go_gateway_requests_rx_bytes",
                 "Request bytes received from downstream.",
             ),
             &ENDPOINT_LABELS,
@@ -96,7 +97,7 @@ impl Metrics {
         .expect("valid metric");
         let retry_state = IntCounterVec::new(
             Opts::new(
-                "gateway_requests_retry_state",
+                "go_gateway_requests_retry_state",
                 "Retried requests by final outcome.",
             ),
             &retry_labels,
@@ -104,7 +105,7 @@ impl Metrics {
         .expect("valid metric");
         let middleware_denied = IntCounterVec::new(
             Opts::new(
-                "gateway_middleware_denied_total",
+                "go_gateway_middleware_denied_total",
                 "Requests stopped by a middleware.",
             ),
             &["middleware", "path", "reason"],
@@ -112,26 +113,26 @@ impl Metrics {
         .expect("valid metric");
         let middleware_build_failures = IntCounterVec::new(
             Opts::new(
-                "gateway_middleware_build_failures_total",
+                "go_gateway_middleware_build_failures_total",
                 "Middleware builds that failed.",
             ),
             &["middleware"],
         )
         .expect("valid metric");
-        let connections = IntGauge::new("gateway_connections", "Open downstream connections.")
+        let connections = IntGauge::new("go_gateway_connections", "Open downstream connections.")
             .expect("valid metric");
-        let in_flight = IntGauge::new("gateway_requests_in_flight", "Requests being proxied.")
+        let in_flight = IntGauge::new("go_gateway_requests_in_flight", "Requests being proxied.")
             .expect("valid metric");
         let tunnels_open = IntGaugeVec::new(
             Opts::new(
-                "gateway_tunnels_open",
+                "go_gateway_tunnels_open",
                 "Upgraded connections (WebSocket, ...) being tunnelled.",
             ),
             &ENDPOINT_LABELS,
         )
         .expect("valid metric");
         let tunnels_opened = IntCounterVec::new(
-            Opts::new("gateway_tunnels_opened_total", "Tunnels established."),
+            Opts::new("go_gateway_tunnels_opened_total", "Tunnels established."),
             &ENDPOINT_LABELS,
         )
         .expect("valid metric");
@@ -183,47 +184,71 @@ impl Metrics {
         String::from_utf8(buffer).unwrap_or_default()
     }
 
-    /// Pre-resolved handles for one endpoint.
+    /// Pre-resolved handles for one endpoint (per request method, resolved at first use).
     pub fn endpoint(&self, info: &EndpointInfo) -> EndpointMetrics {
-        let service = info
-            .metadata
-            .get("service")
-            .map(String::as_str)
-            .unwrap_or("");
-        let base_path = info
-            .metadata
-            .get("basePath")
-            .map(String::as_str)
-            .unwrap_or("");
-        let method = if info.method.is_empty() {
-            "*"
-        } else {
-            info.method.as_str()
-        };
-        let labels = [
-            info.protocol_label(),
-            method,
-            info.path.as_str(),
-            service,
-            base_path,
-        ];
+        let label = |key: &str| info.metadata.get(key).cloned().unwrap_or_default();
         EndpointMetrics {
-            labels: labels.map(str::to_owned),
-            requests_code: self.requests_code.clone(),
-            duration: self.requests_duration.with_label_values(&labels),
-            tx_bytes: self.tx_bytes.with_label_values(&labels),
-            rx_bytes: self.rx_bytes.with_label_values(&labels),
-            retry_success: self.retry_state.with_label_values(&[
-                labels[0], labels[1], labels[2], labels[3], labels[4], "true",
-            ]),
-            retry_failure: self.retry_state.with_label_values(&[
-                labels[0], labels[1], labels[2], labels[3], labels[4], "false",
-            ]),
-            codes: Default::default(),
-            tunnels_open: self.tunnels_open.clone(),
-            tunnels_opened: self.tunnels_opened.clone(),
-            tunnels: OnceLock::new(),
+            protocol: info.protocol_label(),
+            path: info.path.clone(),
+            service: label("service"),
+            base_path: label("basePath"),
+            families: Families {
+                requests_code: self.requests_code.clone(),
+                duration: self.requests_duration.clone(),
+                tx_bytes: self.tx_bytes.clone(),
+                rx_bytes: self.rx_bytes.clone(),
+                retry_state: self.retry_state.clone(),
+                tunnels_open: self.tunnels_open.clone(),
+                tunnels_opened: self.tunnels_opened.clone(),
+            },
+            by_method: Default::default(),
         }
+    }
+
+    /// Counts a request no endpoint matched, as Kratos does: `path="/404"` or `"/405"`,
+    /// protocol `HTTP`, empty `service` and `basePath`.
+    pub fn count_unmatched(&self, method: &Method, status: u16) {
+        let (path, code) = if status == 405 {
+            ("/405", "405")
+        } else {
+            ("/404", "404")
+        };
+        self.requests_code
+            .with_label_values(&["HTTP", method_label(method), path, code, "", ""])
+            .inc();
+    }
+}
+
+/// The `method` label: the request's method, with extension methods counted as `OTHER` so
+/// a client cannot grow the series without bound.
+pub fn method_label(method: &Method) -> &'static str {
+    match *method {
+        Method::GET => "GET",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::DELETE => "DELETE",
+        Method::PATCH => "PATCH",
+        Method::HEAD => "HEAD",
+        Method::OPTIONS => "OPTIONS",
+        Method::CONNECT => "CONNECT",
+        Method::TRACE => "TRACE",
+        _ => "OTHER",
+    }
+}
+
+/// The slot of a method in [`EndpointMetrics`]'s table (the order of [`method_label`]).
+fn method_slot(method: &Method) -> usize {
+    match *method {
+        Method::GET => 0,
+        Method::POST => 1,
+        Method::PUT => 2,
+        Method::DELETE => 3,
+        Method::PATCH => 4,
+        Method::HEAD => 5,
+        Method::OPTIONS => 6,
+        Method::CONNECT => 7,
+        Method::TRACE => 8,
+        _ => 9,
     }
 }
 
@@ -245,8 +270,68 @@ impl Counter for DeniedCounter {
     }
 }
 
-/// Metric handles of one endpoint, resolved when the endpoint is built.
+/// The families an endpoint's handles come from.
+struct Families {
+    requests_code: IntCounterVec,
+    duration: HistogramVec,
+    tx_bytes: IntCounterVec,
+    rx_bytes: IntCounterVec,
+    retry_state: IntCounterVec,
+    tunnels_open: IntGaugeVec,
+    tunnels_opened: IntCounterVec,
+}
+
+/// Metric handles of one endpoint. Kratos labels `method` with the request's method, so the
+/// handles are kept per method, each resolved the first time a request with that method
+/// arrives: the request path formats no labels after that.
 pub struct EndpointMetrics {
+    protocol: &'static str,
+    path: String,
+    service: String,
+    base_path: String,
+    families: Families,
+    by_method: [OnceLock<MethodMetrics>; 10],
+}
+
+impl EndpointMetrics {
+    /// The handles for requests with `method`.
+    pub fn of(&self, method: &Method) -> &MethodMetrics {
+        self.by_method[method_slot(method)].get_or_init(|| self.resolve(method_label(method)))
+    }
+
+    fn resolve(&self, method: &'static str) -> MethodMetrics {
+        let labels = [
+            self.protocol,
+            method,
+            &self.path,
+            &self.service,
+            &self.base_path,
+        ];
+        let families = &self.families;
+        let [protocol, method, path, service, base_path] = labels;
+        let retry = |success| {
+            families
+                .retry_state
+                .with_label_values(&[protocol, method, path, service, base_path, success])
+        };
+        MethodMetrics {
+            labels: labels.map(str::to_owned),
+            requests_code: families.requests_code.clone(),
+            duration: families.duration.with_label_values(&labels),
+            tx_bytes: families.tx_bytes.with_label_values(&labels),
+            rx_bytes: families.rx_bytes.with_label_values(&labels),
+            retry_success: retry("true"),
+            retry_failure: retry("false"),
+            codes: Default::default(),
+            tunnels_open: families.tunnels_open.clone(),
+            tunnels_opened: families.tunnels_opened.clone(),
+            tunnels: OnceLock::new(),
+        }
+    }
+}
+
+/// Metric handles of one endpoint and request method.
+pub struct MethodMetrics {
     labels: [String; 5],
     requests_code: IntCounterVec,
     /// Latency histogram.
@@ -279,7 +364,7 @@ pub struct TunnelMetrics {
     pub tx_bytes: IntCounter,
 }
 
-impl EndpointMetrics {
+impl MethodMetrics {
     /// Counts one request that ended with `code`.
     pub fn count_code(&self, code: u16) {
         for slot in &self.codes {

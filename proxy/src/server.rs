@@ -205,7 +205,7 @@ async fn drain(graceful: GracefulShutdown, grace: Duration) {
     }
 }
 
-/// One open downstream connection in the `gateway_connections` gauge, for as long as it
+/// One open downstream connection in the `go_gateway_connections` gauge, for as long as it
 /// lives (also when its task is dropped).
 struct OpenConnection(IntGauge);
 

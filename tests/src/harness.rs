@@ -146,6 +146,8 @@ pub struct TestGateway {
     pub addr: SocketAddr,
     /// The HTTPS listeners' addresses (`--tls-addr`), in flag order.
     pub tls_addrs: Vec<SocketAddr>,
+    /// The `--metrics-addr` listener, when started with one.
+    pub metrics_addr: Option<SocketAddr>,
     /// The config file it watches.
     pub conf: PathBuf,
     /// Scratch directory holding the config (and anything a test adds).
@@ -200,6 +202,7 @@ impl TestGateway {
             Ok(listening) => Ok(TestGateway {
                 addr: listening.addrs[0],
                 tls_addrs: listening.tls_addrs,
+                metrics_addr: listening.metrics_addr,
                 conf,
                 dir,
                 shutdown,

@@ -29,13 +29,13 @@ pub fn sum(page: &str, family: &str, labels: &[(&str, &str)]) -> Option<f64> {
 /// The series counting requests `middleware` refused on endpoint `path` for `reason`.
 pub fn denied(middleware: &str, path: &str, reason: &str) -> String {
     format!(
-        "gateway_middleware_denied_total{{middleware=\"{middleware}\",path=\"{path}\",reason=\"{reason}\"}}"
+        "go_gateway_middleware_denied_total{{middleware=\"{middleware}\",path=\"{path}\",reason=\"{reason}\"}}"
     )
 }
 
 /// The series counting failed builds of `middleware`.
 pub fn build_failures(middleware: &str) -> String {
-    format!("gateway_middleware_build_failures_total{{middleware=\"{middleware}\"}}")
+    format!("go_gateway_middleware_build_failures_total{{middleware=\"{middleware}\"}}")
 }
 
 #[cfg(test)]

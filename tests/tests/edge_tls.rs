@@ -68,7 +68,7 @@ async fn https_is_proxied_and_metrics_and_debug_answer_as_on_plain_listeners() {
     assert_eq!(
         sum(
             &metrics.body,
-            "gateway_requests_code_total",
+            "go_gateway_requests_code_total",
             &[("path", "/api/*"), ("code", "200")]
         ),
         Some(1.0),
@@ -221,7 +221,7 @@ async fn rotated_files_are_served_without_a_restart_and_a_broken_pair_keeps_the_
         || async { served().await.is_ok_and(|leaf| leaf == second.leaf_der) }
     );
     let page = gw.metrics().await;
-    let reloads = "gateway_tls_certificate_reloads_total";
+    let reloads = "go_gateway_tls_certificate_reloads_total";
     assert_eq!(tls_metric(&page, reloads, ("result", "applied")), 1.0);
     assert_eq!(tls_metric(&page, reloads, ("result", "failed")), 0.0);
 
@@ -323,7 +323,7 @@ async fn tls12_and_tls13_are_served_and_tls11_is_refused() {
         "the refused handshake is counted",
         || async {
             let page = gw.metrics().await;
-            let failures = "gateway_tls_handshake_failures_total";
+            let failures = "go_gateway_tls_handshake_failures_total";
             expect_eq(tls_metric(&page, failures, ("reason", "error")), 1.0)
         }
     );
@@ -341,7 +341,7 @@ async fn a_handshake_that_never_completes_is_closed_after_the_handshake_timeout(
     )
     .await
     .expect("starts");
-    let connections = |page: String| sum(&page, "gateway_connections", &[]).unwrap_or(-1.0);
+    let connections = |page: String| sum(&page, "go_gateway_connections", &[]).unwrap_or(-1.0);
 
     // One client sends nothing, another stops in the middle of its ClientHello.
     let silent = TcpStream::connect(gw.tls_addr()).await.expect("connect");
@@ -374,7 +374,7 @@ async fn a_handshake_that_never_completes_is_closed_after_the_handshake_timeout(
     );
     assert!(waited < Duration::from_secs(5), "{waited:?}");
     let page = gw.metrics().await;
-    let failures = "gateway_tls_handshake_failures_total";
+    let failures = "go_gateway_tls_handshake_failures_total";
     assert_eq!(tls_metric(&page, failures, ("reason", "timeout")), 2.0);
     assert_eventually!(
         Duration::from_secs(2),

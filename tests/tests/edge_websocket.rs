@@ -208,7 +208,7 @@ fn ws_url(addr: SocketAddr, path: &str) -> String {
 
 /// The number of open tunnels the gateway reports.
 async fn open_tunnels(gw: &TestGateway) -> f64 {
-    sum(&gw.metrics().await, "gateway_tunnels_open", &[]).unwrap_or(0.0)
+    sum(&gw.metrics().await, "go_gateway_tunnels_open", &[]).unwrap_or(0.0)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -236,15 +236,15 @@ async fn text_messages_echo_through_the_gateway() {
     }
     let page = gw.metrics().await;
     let labels = [("path", "/ws/*")];
-    assert_eq!(sum(&page, "gateway_tunnels_open", &labels), Some(1.0));
+    assert_eq!(sum(&page, "go_gateway_tunnels_open", &labels), Some(1.0));
     assert_eq!(
-        sum(&page, "gateway_tunnels_opened_total", &labels),
+        sum(&page, "go_gateway_tunnels_opened_total", &labels),
         Some(1.0)
     );
     assert_eq!(
         sum(
             &page,
-            "gateway_requests_code_total",
+            "go_gateway_requests_code_total",
             &[("path", "/ws/*"), ("code", "101")]
         ),
         Some(1.0)
@@ -322,7 +322,10 @@ async fn a_close_from_either_side_reaches_the_other() {
         expect_eq(open_tunnels(&gw).await, 0.0)
     });
     let page = gw.metrics().await;
-    assert_eq!(sum(&page, "gateway_tunnels_opened_total", &[]), Some(2.0));
+    assert_eq!(
+        sum(&page, "go_gateway_tunnels_opened_total", &[]),
+        Some(2.0)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -422,7 +425,7 @@ async fn an_idle_tunnel_is_closed_after_the_idle_timeout() {
         let metrics = metrics.clone();
         async move {
             expect_eq(
-                sum(&metrics.encode(), "gateway_tunnels_open", &[]),
+                sum(&metrics.encode(), "go_gateway_tunnels_open", &[]),
                 Some(0.0),
             )
         }

@@ -17,7 +17,7 @@
 //! estimate keeps learning what the upstream can do.
 //!
 //! A shed request is refused with [`Reason::Overloaded`] (`status`, 503 by default) and
-//! counts in the proxy's `gateway_middleware_denied_total{reason="shed"}`.
+//! counts in the proxy's `go_gateway_middleware_denied_total{reason="shed"}`.
 //!
 //! The hot path is atomics only: admission reads an estimate cached once per bucket and
 //! increments the in-flight count; a finished request adds to its bucket.

@@ -4,7 +4,7 @@
 //! - No `Origin` header, or an `Origin` equal to the request's own `Host`: not a
 //!   cross-origin request; passed on untouched.
 //! - Origin not allowed: refused with [`Reason::Forbidden`] (`403`), counted in the
-//!   proxy's `gateway_middleware_denied_total{reason="origin_not_allowed"}`; the upstream
+//!   proxy's `go_gateway_middleware_denied_total{reason="origin_not_allowed"}`; the upstream
 //!   never sees the request.
 //! - Preflight (`OPTIONS` with `Origin` and `Access-Control-Request-Method`): answered
 //!   here with `204 No Content` and the `Access-Control-Allow-*` headers. The middleware

@@ -10,7 +10,7 @@
 //!   The gateway appends the peer to `X-Forwarded-For` before middlewares run, so the
 //!   rightmost entry is normally the peer itself.
 //! - A stopped request is refused with [`Reason::Forbidden`] (`403`) and counts in the
-//!   proxy's `gateway_middleware_denied_total{middleware="ipfilter",reason="ip_denied"}`.
+//!   proxy's `go_gateway_middleware_denied_total{middleware="ipfilter",reason="ip_denied"}`.
 //!
 //! Entries are CIDRs (`10.0.0.0/8`, `2001:db8::/32`) or single addresses (`127.0.0.1`);
 //! IPv4-mapped IPv6 addresses are matched as IPv4.

@@ -16,7 +16,7 @@
 //! request never writes the error response itself: it returns a typed
 //! [`Rejection`](middleware::Rejection), which the proxy renders as HTTP or gRPC, and counts
 //! it with the denial counter of its [`BuildContext`](middleware::BuildContext) (the proxy's
-//! `gateway_middleware_denied_total`).
+//! `go_gateway_middleware_denied_total`).
 
 pub mod auth;
 pub mod bbr;

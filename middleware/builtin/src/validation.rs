@@ -7,7 +7,7 @@
 //! `413`). The size is checked up front from `Content-Length` and again while the body
 //! streams, so a chunked body without a length is cut off at the limit; if the upstream had
 //! not answered yet, the client gets `413` instead of the upstream's error. Refusals count
-//! in the proxy's `gateway_middleware_denied_total` with reason `invalid_request`,
+//! in the proxy's `go_gateway_middleware_denied_total` with reason `invalid_request`,
 //! `unsupported_media_type` or `body_too_large`.
 
 use std::future::Future;

@@ -67,7 +67,7 @@ impl TlsAcceptor {
     }
 
     /// Runs the server side of the handshake on `io`, bounded by the handshake timeout;
-    /// failures are counted in `gateway_tls_handshake_failures_total`.
+    /// failures are counted in `go_gateway_tls_handshake_failures_total`.
     pub async fn accept<IO>(&self, io: IO) -> Result<TlsStream<IO>, HandshakeError>
     where
         IO: AsyncRead + AsyncWrite + Unpin,

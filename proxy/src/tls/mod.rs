@@ -9,7 +9,7 @@
 //!   changed (and stayed unchanged for a settle delay, so a half-written file is not read)
 //!   is loaded and swapped in for new handshakes. A pair that fails to load (bad PEM, a key
 //!   that does not match, a missing file) is logged once and counted in
-//!   `gateway_tls_certificate_reloads_total{result="failed"}`; the previous pair keeps
+//!   `go_gateway_tls_certificate_reloads_total{result="failed"}`; the previous pair keeps
 //!   serving.
 //! - [`TlsAcceptor`] runs the handshake under a timeout: TLS 1.2 and 1.3 only, ALPN `h2` and
 //!   `http/1.1`. What follows the handshake is the same HTTP serving as on plain listeners.
@@ -100,19 +100,19 @@ pub struct TlsMetrics {
 }
 
 impl TlsMetrics {
-    /// Registers `gateway_tls_certificate_reloads_total{result="applied"|"failed"}` and
-    /// `gateway_tls_handshake_failures_total{reason="timeout"|"error"}` in `registry`.
+    /// Registers `go_gateway_tls_certificate_reloads_total{result="applied"|"failed"}` and
+    /// `go_gateway_tls_handshake_failures_total{reason="timeout"|"error"}` in `registry`.
     pub fn register(registry: &prometheus::Registry) -> prometheus::Result<Self> {
         let reloads = prometheus::IntCounterVec::new(
             prometheus::Opts::new(
-                "gateway_tls_certificate_reloads_total",
+                "go_gateway_tls_certificate_reloads_total",
                 "Certificate pairs whose files changed, by whether the new pair was applied.",
             ),
             &["result"],
         )?;
         let handshakes = prometheus::IntCounterVec::new(
             prometheus::Opts::new(
-                "gateway_tls_handshake_failures_total",
+                "go_gateway_tls_handshake_failures_total",
                 "TLS handshakes that did not complete, by reason.",
             ),
             &["reason"],

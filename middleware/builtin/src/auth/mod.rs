@@ -13,7 +13,7 @@
 //!   (`401 Unauthorized`) and one `WWW-Authenticate` challenge per configured method
 //!   (RFC 6750 for bearer tokens: `error="invalid_token"` and a short `error_description`
 //!   when a token was given), and counts in the proxy's
-//!   `gateway_middleware_denied_total{middleware="auth",reason="unauthorized"}`.
+//!   `go_gateway_middleware_denied_total{middleware="auth",reason="unauthorized"}`.
 //! - Credentials are never logged. `stripCredential` removes them from the request sent
 //!   upstream: by default the API key is removed and the JWT kept.
 //! - Key files are read when the config is applied (a reload re-reads them); an unreadable

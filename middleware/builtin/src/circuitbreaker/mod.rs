@@ -10,7 +10,7 @@
 //! rejected attempt never reaches the upstream: it is forwarded to `backupService` (see
 //! [`backup`]), or refused with [`Reason::BreakerOpen`] (`503`, or the status, headers
 //! and body of `responseData`); it counts in the proxy's
-//! `gateway_middleware_denied_total{middleware="circuitbreaker",reason="breaker_open"}`.
+//! `go_gateway_middleware_denied_total{middleware="circuitbreaker",reason="breaker_open"}`.
 //!
 //! The breaker's state belongs to the built middleware: one per endpoint (a global entry is
 //! built once per endpoint), started afresh on every config update.

@@ -4,7 +4,7 @@
 //! is refused with [`Reason::RateLimited`] (`429 Too Many Requests`) and `Retry-After`;
 //! every response carries `RateLimit-Limit`, `RateLimit-Remaining` and `RateLimit-Reset`
 //! (seconds). Buckets are lock-free (see [`bucket`]); denials count in the proxy's
-//! `gateway_middleware_denied_total{middleware="ratelimit",reason="rate_limited"}`.
+//! `go_gateway_middleware_denied_total{middleware="ratelimit",reason="rate_limited"}`.
 
 pub mod bucket;
 
