@@ -259,6 +259,13 @@ impl Inner {
         {
             req.headers_mut().insert(HOST, value);
         }
+        // As in Kratos, a node's `metadata.host` is the Host the upstream sees (virtual hosts
+        // behind one address).
+        if let Some(host) = node.metadata.get("host").filter(|host| !host.is_empty())
+            && let Ok(value) = HeaderValue::from_str(host)
+        {
+            req.headers_mut().insert(HOST, value);
+        }
         // Re-address the request, keeping its path and query (no copy of them).
         let mut parts = std::mem::take(req.uri_mut()).into_parts();
         parts.scheme = Some(if node.tls {

@@ -3,6 +3,7 @@
 
 mod debug_views;
 mod demo;
+pub mod kratos_flags;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

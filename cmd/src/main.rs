@@ -7,7 +7,7 @@ use cmd::Cli;
 use tokio_util::sync::CancellationToken;
 
 fn main() -> ExitCode {
-    let cli = match Cli::try_parse() {
+    let cli = match Cli::try_parse_from(cmd::kratos_flags::rewrite(std::env::args_os())) {
         Ok(cli) => cli,
         Err(err) if !err.use_stderr() => {
             let _ = err.print();

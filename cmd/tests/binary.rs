@@ -230,3 +230,61 @@ fn demo_mode_answers_the_example_config() {
         "{response}"
     );
 }
+
+/// A go-kratos/gateway command line (single-dash flags, `-name=value`) starts this gateway
+/// unchanged: the config and priority directory are loaded, and `-debug` mounts `/debug`.
+#[test]
+fn kratos_single_dash_flags_start_the_gateway() {
+    let upstream = slow_upstream(Duration::ZERO);
+    let (dir, path) = write_temp(
+        "config.yaml",
+        &format!(
+            "name: t\nendpoints:\n  - path: /main\n    backends:\n      - target: 127.0.0.1:{upstream}\n"
+        ),
+    );
+    let priority = dir.path().join("canary");
+    std::fs::create_dir(&priority).unwrap();
+    std::fs::write(
+        priority.join("p.yaml"),
+        format!(
+            "endpoints:\n  - path: /canary\n    backends:\n      - target: 127.0.0.1:{upstream}\n"
+        ),
+    )
+    .unwrap();
+    let priority_flag = format!("-conf.priority={}", priority.display());
+    let (mut child, addr) = spawn_gateway(&[
+        "-conf",
+        &path,
+        &priority_flag,
+        "-addr",
+        "127.0.0.1:0",
+        "-debug",
+    ]);
+    let status_of = |path: &str| {
+        let mut stream = TcpStream::connect(&addr).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        write!(
+            stream,
+            "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut response = String::new();
+        let _ = stream.read_to_string(&mut response);
+        response.get(9..12).unwrap_or("").to_owned()
+    };
+    let (main, canary, debug) = (
+        status_of("/main"),
+        status_of("/canary"),
+        status_of("/debug/ping"),
+    );
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let _ = child.wait();
+    assert_eq!(
+        (main.as_str(), canary.as_str(), debug.as_str()),
+        ("200", "200", "200")
+    );
+}

@@ -40,6 +40,9 @@ pub struct Loaded {
     pub sha256: String,
     /// When the files were read.
     pub loaded_at: SystemTime,
+    /// Priority files left out because they failed to parse or validate on their own, each
+    /// as its error (`FILE:LINE:COL: message`); the others were merged, as Kratos does.
+    pub skipped: Vec<String>,
 }
 
 /// What the loader knows, for `/debug/config/inspect`.
@@ -57,6 +60,9 @@ pub struct LoaderStatus {
     pub reloads: u64,
     /// The last load or apply failure; the config in force stayed.
     pub last_error: Option<String>,
+    /// Priority files the config in force left out (they failed to parse or validate), as
+    /// their errors.
+    pub skipped_priority_files: Vec<String>,
 }
 
 /// Loads the config file (plus an optional priority directory) and watches it for changes.
@@ -81,6 +87,7 @@ struct State {
     loaded_at: Option<SystemTime>,
     reloads: u64,
     last_error: Option<String>,
+    skipped: Vec<String>,
     /// The hash (or read error) that last failed, so `watch` reports it once, not every tick.
     rejected: Option<String>,
 }
@@ -158,6 +165,7 @@ impl FileLoader {
             loaded_at: state.loaded_at.map(rfc3339),
             reloads: state.reloads,
             last_error: state.last_error.clone(),
+            skipped_priority_files: state.skipped.clone(),
         }
     }
 
@@ -339,8 +347,18 @@ impl FileLoader {
             return Err(ConfigError::Empty { path: conf.clone() });
         }
         let mut gateway = parse(text, conf)?;
+        let mut skipped = Vec::new();
+        let mut merged = 0;
         for (path, content) in &sources.priority {
-            let priority = parse_priority(utf8(content, path)?, path)?;
+            let priority = match utf8(content, path).and_then(|text| parse_priority(text, path)) {
+                Ok(priority) => priority,
+                Err(error) => {
+                    tracing::warn!(%error, "priority config skipped; the other files are merged");
+                    skipped.push(error.to_string());
+                    continue;
+                }
+            };
+            merged += 1;
             tracing::debug!(
                 file = %path.display(),
                 endpoints = priority.endpoints.len(),
@@ -348,7 +366,7 @@ impl FileLoader {
             );
             merge_priority(&mut gateway, priority.endpoints);
         }
-        if !sources.priority.is_empty() {
+        if merged > 0 {
             // Each file was checked on its own; this catches what only the merge reveals
             // (e.g. a priority backend naming a tlsStore entry the main file lacks).
             validate(&gateway).map_err(|error| match error {
@@ -365,6 +383,7 @@ impl FileLoader {
             gateway,
             sha256: sources.sha256.clone(),
             loaded_at: SystemTime::now(),
+            skipped,
         })
     }
 }
@@ -374,6 +393,7 @@ struct Summary {
     sha256: String,
     version: String,
     loaded_at: SystemTime,
+    skipped: Vec<String>,
 }
 
 impl Summary {
@@ -382,6 +402,7 @@ impl Summary {
             sha256: loaded.sha256.clone(),
             version: loaded.gateway.version.clone(),
             loaded_at: loaded.loaded_at,
+            skipped: loaded.skipped.clone(),
         }
     }
 }
@@ -400,6 +421,7 @@ impl State {
         self.sha256 = summary.sha256.clone();
         self.version = summary.version.clone();
         self.loaded_at = Some(summary.loaded_at);
+        self.skipped = summary.skipped.clone();
         self.last_error = None;
         self.rejected = None;
     }

@@ -173,7 +173,8 @@ where
     }
 }
 
-/// Middleware factories by name.
+/// Middleware factories by name. Names match case-insensitively, as in Kratos (`CORS`,
+/// `Cors` and `cors` are one middleware).
 #[derive(Clone, Default)]
 pub struct Registry {
     factories: HashMap<String, Arc<dyn Factory>>,
@@ -187,12 +188,13 @@ impl Registry {
 
     /// Registers (or replaces) the factory for `name`.
     pub fn register(&mut self, name: impl Into<String>, factory: impl Factory + 'static) {
-        self.factories.insert(name.into(), Arc::new(factory));
+        self.factories
+            .insert(name.into().to_ascii_lowercase(), Arc::new(factory));
     }
 
     /// Whether a factory is registered for `name`.
     pub fn contains(&self, name: &str) -> bool {
-        self.factories.contains_key(name)
+        self.factories.contains_key(&name.to_ascii_lowercase())
     }
 
     /// Builds the middleware named in `config`. An unknown name yields `Ok(None)` (the caller
@@ -202,7 +204,7 @@ impl Registry {
         config: &configs::Middleware,
         ctx: &BuildContext,
     ) -> Result<Option<Middleware>, BuildError> {
-        match self.factories.get(&config.name) {
+        match self.factories.get(&config.name.to_ascii_lowercase()) {
             Some(factory) => factory.build(config, ctx).map(Some),
             None if config.required => Err(BuildError::new(
                 &config.name,

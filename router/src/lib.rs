@@ -16,7 +16,8 @@
 //! path without its query string.
 //!
 //! A method of `""` or `"*"` means any method; methods compare case-insensitively. A host
-//! of `""` means any host; otherwise it is one exact name (no wildcards), compared
+//! of `""` means any host; otherwise it is one name, or a template with `{name}` (one DNS
+//! label) or `{name:regex}` parts as in Kratos (`{sub}.example.com`), compared
 //! case-insensitively with the request's port and any trailing dot ignored.
 //!
 //! ```

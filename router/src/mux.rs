@@ -49,7 +49,7 @@ struct Route<H> {
     /// Upper case; `None` = any method.
     method: Option<MethodName>,
     /// Lower case, port stripped; `None` = any host.
-    host: Option<Box<str>>,
+    host: Option<HostName>,
     /// The pattern's regexes, checked against matchit's captures.
     constraints: Constraints,
     pattern: Pattern,
@@ -83,13 +83,38 @@ impl MethodName {
     }
 }
 
+/// A route's host: one exact name, or a template with `{name}` / `{name:regex}` parts
+/// (`{sub}.example.com`), as gorilla/mux and so Kratos take them; a bare `{name}` matches
+/// one DNS label (`[^.]+`).
+#[derive(Debug)]
+struct HostName {
+    /// As configured, lower case, port stripped: the route's identity and what views show.
+    text: Box<str>,
+    /// Compiled (case-insensitive, anchored) when the host has template parts.
+    template: Option<regex::Regex>,
+}
+
+impl PartialEq for HostName {
+    fn eq(&self, other: &Self) -> bool {
+        self.text == other.text
+    }
+}
+
+impl HostName {
+    fn matches(&self, host: &str) -> bool {
+        let host = host_without_port(host);
+        match &self.template {
+            Some(template) => template.is_match(host),
+            None => self.text.eq_ignore_ascii_case(host),
+        }
+    }
+}
+
 impl<H> Route<H> {
     /// `host` is the request's Host as received; it is normalised only when this route
     /// names a host, so host-less tables never pay for it.
     fn host_matches(&self, host: &str) -> bool {
-        self.host
-            .as_deref()
-            .is_none_or(|want| want.eq_ignore_ascii_case(host_without_port(host)))
+        self.host.as_ref().is_none_or(|want| want.matches(host))
     }
 
     fn method_matches(&self, method: &str) -> bool {
@@ -370,7 +395,7 @@ impl<H> MuxRouter<H> {
         self.routes.iter().map(|route| RouteEntry {
             pattern: route.pattern.text(),
             method: route.method.as_ref().map(MethodName::as_str),
-            host: route.host.as_deref(),
+            host: route.host.as_ref().map(|host| &*host.text),
             handler: &route.handler,
         })
     }
@@ -406,7 +431,10 @@ impl<H> MuxRouter<H> {
                     .map(MethodName::as_str)
                     .unwrap_or_default()
                     .to_owned(),
-                host: host.as_deref().unwrap_or_default().to_owned(),
+                host: host
+                    .as_ref()
+                    .map(|host| host.text.to_string())
+                    .unwrap_or_default(),
             });
         }
         self.routes.push(Route {
@@ -560,18 +588,66 @@ fn normalise_method(pattern: &str, method: &str) -> Result<Option<MethodName>, R
 }
 
 /// `""` means any host; otherwise the host is kept lower case, without port or trailing dot.
-fn normalise_host(pattern: &str, host: &str) -> Result<Option<Box<str>>, RouteError> {
+fn normalise_host(pattern: &str, host: &str) -> Result<Option<HostName>, RouteError> {
     if host.is_empty() {
         return Ok(None);
     }
-    let name = host_without_port(host);
+    let invalid = |reason: String| RouteError::InvalidPattern {
+        pattern: pattern.to_owned(),
+        reason,
+    };
+    let braces = host.contains(['{', '}']);
+    let name = if braces {
+        host
+    } else {
+        host_without_port(host)
+    };
     if name.is_empty() || name.contains(|c: char| c == '/' || c.is_whitespace()) {
-        return Err(RouteError::InvalidPattern {
-            pattern: pattern.to_owned(),
-            reason: format!("host {host:?} is not a host name"),
-        });
+        return Err(invalid(format!("host {host:?} is not a host name")));
     }
-    Ok(Some(name.to_ascii_lowercase().into()))
+    let text: Box<str> = name.to_ascii_lowercase().into();
+    let template = if braces {
+        Some(host_template(&text).map_err(|reason| invalid(format!("host {host:?}: {reason}")))?)
+    } else {
+        None
+    };
+    Ok(Some(HostName { text, template }))
+}
+
+/// The anchored, case-insensitive regex of a host template: literal parts escaped, `{name}`
+/// as one DNS label, `{name:re}` as `re`.
+fn host_template(template: &str) -> Result<regex::Regex, String> {
+    let mut pattern = String::from("(?i)^");
+    let mut rest = template;
+    while let Some(open) = rest.find('{') {
+        pattern.push_str(&regex::escape(&rest[..open]));
+        let close = rest[open..]
+            .find('}')
+            .map(|at| open + at)
+            .ok_or("a '{' without its '}'")?;
+        let variable = &rest[open + 1..close];
+        match variable.split_once(':') {
+            Some((name, re)) if !name.is_empty() && !re.is_empty() => {
+                pattern.push_str(&format!("(?:{re})"));
+            }
+            None if !variable.is_empty() => pattern.push_str("[^.]+"),
+            _ => return Err(format!("bad template part {{{variable}}}")),
+        }
+        rest = &rest[close + 1..];
+    }
+    if rest.contains('}') {
+        return Err("a '}' without its '{'".to_owned());
+    }
+    pattern.push_str(&regex::escape(rest));
+    pattern.push('$');
+    regex::Regex::new(&pattern).map_err(|err| {
+        err.to_string()
+            .lines()
+            .last()
+            .unwrap_or("invalid regex")
+            .trim()
+            .to_owned()
+    })
 }
 
 /// Strips a `:port` (and a trailing dot) from a Host header value without allocating:

@@ -166,3 +166,42 @@ async fn cors_preflight_reaches_the_endpoint_of_the_requested_method() {
     .await;
     assert_eq!(plain.status, 405);
 }
+
+/// Kratos behaviours a switching user relies on: host templates, a backend's
+/// `metadata.host` as the upstream's Host, and middleware names in any case.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn host_templates_metadata_host_and_middleware_names_follow_kratos() {
+    let tenant = Upstream::named("tenant").await;
+    let fallback = Upstream::named("fallback").await;
+    let virtual_host = Upstream::reporting("vhost", &["host"]).await;
+    let yaml = format!(
+        "name: kratos\nendpoints:\n{}{}  - path: /vh\n    backends:\n      - target: {}\n        metadata: {{host: api.internal}}\n  - path: /guarded\n    middlewares:\n      - name: IPFilter\n        options: {{deny: [127.0.0.0/8]}}\n    backends:\n      - target: {}\n",
+        endpoint("/t", "", "{tenant}.shop.example", &tenant.target()),
+        endpoint("/t", "", "", &fallback.target()),
+        virtual_host.target(),
+        fallback.target(),
+    );
+    let gw = TestGateway::start(&yaml).await;
+    let via = |host: &'static str| {
+        let url = gw.url("/t");
+        async move { get_with(&url, &[("host", host)]).await.body }
+    };
+    assert_eq!(via("acme.shop.example").await, "tenant");
+    assert_eq!(via("ACME.shop.example:8080").await, "tenant");
+    assert_eq!(via("a.b.shop.example").await, "fallback");
+    assert_eq!(via("shop.example").await, "fallback");
+
+    let reply = get_with(&gw.url("/vh"), &[("host", "public.example")]).await;
+    assert_eq!(reply.status, 200);
+    assert_eq!(
+        reply
+            .headers
+            .get("x-seen-host")
+            .map(|v| v.to_str().unwrap()),
+        Some("api.internal"),
+        "{:?}",
+        reply.headers
+    );
+    // `IPFilter` is the `ipfilter` middleware: it runs and refuses loopback.
+    assert_eq!(get(&gw.url("/guarded")).await.status, 403);
+}

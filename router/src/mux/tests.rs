@@ -607,3 +607,39 @@ fn random_small_tables_agree_with_naive_matcher() {
 fn random_large_tables_agree_with_naive_matcher() {
     compare_with_naive(0x5eed_0002, &sparse(), 10, 400, 3_000);
 }
+
+/// Host templates as gorilla/mux (and so Kratos) takes them: `{name}` is one DNS label,
+/// `{name:re}` a regex part; exact hosts and templates are both host-specific routes.
+#[test]
+fn host_templates_match_like_kratos() {
+    let router = build(&[
+        ("/x", "", "{sub}.example.com"),           // 0
+        ("/x", "", "api.example.com"),             // 1
+        ("/x", "", "v{n:[0-9]+}.svc.example.com"), // 2
+        ("/x", "", ""),                            // 3
+    ]);
+    for (host, want) in [
+        ("shop.example.com", Found(0)),
+        ("SHOP.Example.com:8443", Found(0)),
+        ("a.b.example.com", Found(3)), // `{sub}` is one label
+        ("example.com", Found(3)),
+        ("v2.svc.example.com", Found(2)),
+        ("vx.svc.example.com", Found(3)),
+        ("other.org", Found(3)),
+    ] {
+        assert_eq!(outcome(&router, "GET", host, "/x"), want, "{host}");
+    }
+    // Registration order decides between two host-specific routes that both match.
+    assert_eq!(outcome(&router, "GET", "api.example.com", "/x"), Found(0));
+    for bad in [
+        "{sub.example.com",
+        "sub}.example.com",
+        "{}.example.com",
+        "{a:(}.b",
+    ] {
+        let mut router: MuxRouter<usize> = MuxRouter::new();
+        let error = router.handle("/x", "", bad, 0, None).unwrap_err();
+        assert!(error.to_string().contains("host"), "{bad}: {error}");
+        assert_eq!(error.to_string().lines().count(), 1, "{error}");
+    }
+}
