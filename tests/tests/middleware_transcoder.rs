@@ -16,7 +16,7 @@ use http::{HeaderMap, Request, Version};
 use http_body_util::{BodyExt, Full};
 use serde_json::{Value, json};
 use tests::config::{middleware, middlewares, single};
-use tests::harness::{Reply, TestGateway, send};
+use tests::harness::{Reply, TestGateway, Upstream, send, text};
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
@@ -443,4 +443,45 @@ async fn a_reply_over_max_response_bytes_gets_502() {
         json_of(&reply),
         json!({"code": 13, "message": "upstream response is larger than 8 bytes"})
     );
+}
+
+/// Kratos' rules for answers that are not plain gRPC successes, with an h2c upstream that
+/// answers like a proxy in front of a gRPC service might: a non-200 carrying a gRPC status
+/// is still a 200 status body; a non-200 without one fails the round trip, which the
+/// gateway answers as any upstream failure on a gRPC endpoint.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn non_200_answers_follow_kratos() {
+    let upstream = Upstream::start(|request: http::Request<hyper::body::Incoming>| async move {
+        let response = http::Response::builder().status(503);
+        let response = if request.uri().path() == "/svc.Api/Draining" {
+            response
+                .header("content-type", "application/grpc")
+                .header("grpc-status", "14")
+                .header("grpc-message", "draining")
+        } else {
+            response.header("content-type", "text/plain")
+        };
+        response.body(text("overloaded")).expect("response")
+    })
+    .await;
+    let extra = format!(
+        "    protocol: GRPC\n    timeout: 5s\n{}",
+        middlewares(&middleware("transcoder", "{}"))
+    );
+    let gateway = TestGateway::start(&single("/svc.Api/*", &upstream.target(), &extra)).await;
+
+    let reply = post_json(&gateway, "/svc.Api/Draining", "{}").await;
+    assert_eq!(reply.status, 200, "{reply:?}");
+    assert_eq!(reply.header("content-type"), "application/json");
+    assert_eq!(json_of(&reply), json!({"code": 14, "message": "draining"}));
+
+    let reply = post_json(&gateway, "/svc.Api/Plain", "{}").await;
+    assert_eq!(reply.status, 200, "{reply:?}");
+    assert_eq!(reply.header("content-type"), "application/grpc");
+    assert_eq!(
+        reply.header("grpc-status"),
+        "14",
+        "UNAVAILABLE, as for a 502"
+    );
+    assert_eq!(reply.body, "");
 }
