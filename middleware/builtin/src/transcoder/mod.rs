@@ -109,7 +109,7 @@ pub fn factory(config: &configs::Middleware, ctx: &BuildContext) -> Result<Middl
         return Ok(Middleware::from_fn(&config.name, |next| next));
     }
     status::preload();
-    let denied = Denied::new(ctx.denial_counter(&config.name, "payload_too_large"));
+    let denied = Denied::new(ctx.denial_counter(&config.name, "body_too_large"));
     Ok(Middleware::from_layer(
         &config.name,
         TranscoderLayer::new(options, denied),
@@ -195,7 +195,17 @@ impl Service<Request<Body>> for Transcoder {
         let limits = self.limits.clone();
         Box::pin(async move {
             let (mut parts, body) = request.into_parts();
-            let framed = match collect_limited(body, limits.request).await {
+            // A declared length over the limit is refused before anything is read.
+            let declared_too_large = http_body::Body::size_hint(&body).lower() > limits.request;
+            let collected = if declared_too_large {
+                Err(BodyTooLarge {
+                    limit: limits.request,
+                }
+                .into())
+            } else {
+                collect_limited(body, limits.request).await
+            };
+            let framed = match collected {
                 Ok((data, _trailers)) => frame(&data),
                 Err(error) if error.is::<BodyTooLarge>() => {
                     limits.denied.inc();

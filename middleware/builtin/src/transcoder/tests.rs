@@ -286,25 +286,48 @@ async fn content_types_map_as_kratos_maps_them() {
 }
 
 #[tokio::test]
-async fn a_request_over_the_limit_gets_413_as_json() {
-    let (response, seen) = call(
-        serde_json::json!({"maxRequestBytes": 4}),
-        configs::Protocol::Grpc,
-        json_post(r#"{"name":"too long"}"#),
-        Answer::grpc("{}", vec![("grpc-status", "0")]),
-    )
-    .await;
-    assert!(seen.is_none(), "the upstream never sees it");
-    assert!(
-        Rejection::of(&response).is_none(),
-        "written here, not by the gRPC renderer"
-    );
-    let (parts, text, _) = body_text(response).await;
-    assert_eq!(parts.status, 413);
-    assert_eq!(parts.headers["content-type"], "application/json");
+async fn a_request_over_the_limit_gets_413_as_json_and_is_counted() {
+    let denials = Arc::new(middleware::denials::LocalDenials::default());
+    let ctx = ctx(configs::Protocol::Grpc).with_denials(denials.clone());
+    let middleware =
+        factory(&entry(serde_json::json!({"maxRequestBytes": 4})), &ctx).expect("builds");
+    // One body of declared length (refused before it is read), one streamed without a
+    // length (refused once it has grown past the limit).
+    let streamed = {
+        let chunks = ["{\"na", "me\":", "\"x\"}"].map(|chunk| Ok(Frame::data(Bytes::from(chunk))));
+        let stream = futures_util::stream::iter(chunks);
+        http_body_util::StreamBody::new(stream).boxed_unsync()
+    };
+    for body in [full_body(r#"{"name":"too long"}"#), streamed] {
+        let seen = Arc::new(Mutex::new(None));
+        let service = middleware.wrap(upstream(
+            Answer::grpc("{}", vec![("grpc-status", "0")]),
+            seen.clone(),
+        ));
+        let request = Request::post("/helloworld.Greeter/SayHello")
+            .header("content-type", "application/json")
+            .body(body)
+            .expect("request");
+        let response = service.oneshot(request).await.expect("a response");
+        assert!(
+            seen.lock().expect("lock").is_none(),
+            "the upstream never sees it"
+        );
+        assert!(
+            Rejection::of(&response).is_none(),
+            "written here, not by the gRPC renderer"
+        );
+        let (parts, text, _) = body_text(response).await;
+        assert_eq!(parts.status, 413);
+        assert_eq!(parts.headers["content-type"], "application/json");
+        assert_eq!(
+            text,
+            r#"{"code":8,"message":"request body is larger than 4 bytes"}"#
+        );
+    }
     assert_eq!(
-        text,
-        r#"{"code":8,"message":"request body is larger than 4 bytes"}"#
+        denials.get(NAME, "/helloworld.Greeter/*", "body_too_large"),
+        2
     );
 }
 
