@@ -466,6 +466,7 @@ struct Record<'a> {
 impl Record<'_> {
     fn finish(&mut self, status: u16) {
         self.finished = true;
+        self.options.scope.finish(status);
         let handler = self.handler;
         let elapsed = self.start.elapsed();
         handler.metrics.count_code(status);

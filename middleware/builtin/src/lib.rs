@@ -28,6 +28,7 @@ pub mod logging;
 pub mod ratelimit;
 pub mod rewrite;
 pub mod support;
+pub mod tracing;
 pub mod transform;
 pub mod validation;
 
@@ -47,4 +48,5 @@ pub fn register_all(registry: &mut Registry, clients: client::Factory) {
     registry.register("ipfilter", ipfilter::factory);
     registry.register("auth", auth::factory);
     registry.register("cache", cache::factory);
+    registry.register("tracing", tracing::factory);
 }
