@@ -43,6 +43,8 @@ fn main() -> ExitCode {
         });
         cmd::run(cli, shutdown, |_| {}).await
     });
+    // Spans still queued by the tracing middleware go to their collectors before exit.
+    middleware_builtin::tracing::shutdown();
     match outcome {
         Ok(()) => ExitCode::SUCCESS,
         Err(message) => {

@@ -288,3 +288,123 @@ fn kratos_single_dash_flags_start_the_gateway() {
         ("200", "200", "200")
     );
 }
+
+/// An OTLP/HTTP collector on its own thread: answers every `POST /v1/traces` with 200 and
+/// sends each request's content type and body.
+fn otlp_receiver() -> (u16, mpsc::Receiver<(String, Vec<u8>)>) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let (tx, rx) = mpsc::channel();
+    thread::spawn(move || {
+        for stream in listener.incoming().take(16) {
+            let Ok(stream) = stream else { continue };
+            let tx = tx.clone();
+            thread::spawn(move || {
+                let mut reader = BufReader::new(stream);
+                loop {
+                    let (mut length, mut content_type, mut line) =
+                        (0, String::new(), String::new());
+                    let mut post = false;
+                    loop {
+                        line.clear();
+                        if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                            return;
+                        }
+                        let lower = line.trim().to_ascii_lowercase();
+                        if lower.is_empty() {
+                            break;
+                        }
+                        post |= lower.starts_with("post /v1/traces ");
+                        if let Some(value) = lower.strip_prefix("content-length:") {
+                            length = value.trim().parse().unwrap_or(0);
+                        }
+                        if let Some(value) = lower.strip_prefix("content-type:") {
+                            content_type = value.trim().to_owned();
+                        }
+                    }
+                    let mut body = vec![0; length];
+                    if reader.read_exact(&mut body).is_err() {
+                        return;
+                    }
+                    let answer: &[u8] = if post {
+                        let _ = tx.send((content_type, body));
+                        b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n"
+                    } else {
+                        b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n"
+                    };
+                    if reader.get_mut().write_all(answer).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (port, rx)
+}
+
+#[test]
+fn sigterm_flushes_the_spans_still_queued_for_the_collector() {
+    let upstream = slow_upstream(Duration::ZERO);
+    let (collector, exports) = otlp_receiver();
+    let (_dir, path) = write_temp(
+        "gw.yaml",
+        &format!(
+            "name: t\nmiddlewares:\n  - name: tracing\n    options: {{httpEndpoint: '127.0.0.1:{collector}'}}\nendpoints:\n  - path: /traced\n    backends:\n      - target: 127.0.0.1:{upstream}\n"
+        ),
+    );
+    let (mut child, addr) = spawn_gateway(&["--conf", &path, "--addr", "127.0.0.1:0"]);
+    let trace = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let mut stream = TcpStream::connect(&addr).unwrap();
+    stream
+        .write_all(
+            format!("GET /traced HTTP/1.1\r\nHost: x\r\nConnection: close\r\ntraceparent: 00-{trace}-00f067aa0ba902b7-01\r\n\r\n")
+                .as_bytes(),
+        )
+        .unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let mut response = String::new();
+    let _ = stream.read_to_string(&mut response);
+    assert!(response.starts_with("HTTP/1.1 200"), "{response:?}");
+    // The batch would wait 5 s: the spans are still queued when the signal comes.
+    assert!(
+        exports.try_recv().is_err(),
+        "nothing exported before the signal"
+    );
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "gateway did not exit after SIGTERM"
+        );
+        thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(status.code(), Some(0));
+    let (content_type, body) = exports
+        .recv_timeout(Duration::from_secs(1))
+        .expect("the queued spans were exported before exit");
+    assert_eq!(content_type, "application/x-protobuf");
+    // Both spans carry the incoming trace id, as 16 raw bytes in the protobuf.
+    let trace_bytes: Vec<u8> = (0..16)
+        .map(|i| u8::from_str_radix(&trace[2 * i..2 * i + 2], 16).unwrap())
+        .collect();
+    let found = body
+        .windows(16)
+        .filter(|w| *w == trace_bytes.as_slice())
+        .count();
+    assert!(
+        found >= 2,
+        "server and client span of the trace: found {found}"
+    );
+}

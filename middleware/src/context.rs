@@ -77,6 +77,66 @@ pub struct RequestOptions {
     pub backend: Arc<BackendSlot>,
     /// The client's certificate, on an HTTPS listener that verifies them (`--tls-client-ca`).
     pub client_certificate: Option<Arc<ClientCertificate>>,
+    /// State shared by every attempt of this request, and what runs when it finishes.
+    pub scope: Arc<RequestScope>,
+}
+
+/// What one request's attempts share: the middleware chain runs once per attempt, so a
+/// middleware that needs a per-request fact (the tracing middleware's server span) keeps
+/// it here, and learns the final status through [`RequestScope::on_finish`].
+#[derive(Default)]
+pub struct RequestScope {
+    values: Mutex<http::Extensions>,
+    on_finish: Mutex<Vec<FinishFn>>,
+}
+
+type FinishFn = Box<dyn FnOnce(u16) + Send>;
+
+impl RequestScope {
+    /// The value of type `T` kept for this request, made by `make` on first use.
+    pub fn get_or_insert_with<T, F>(&self, make: F) -> T
+    where
+        T: Clone + Send + Sync + 'static,
+        F: FnOnce() -> T,
+    {
+        let mut values = self
+            .values
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some(value) = values.get::<T>() {
+            return value.clone();
+        }
+        let value = make();
+        values.insert(value.clone());
+        value
+    }
+
+    /// Runs `callback` with the status the client got, once the request finished (its
+    /// response head went back, or 499 when the client went away first).
+    pub fn on_finish(&self, callback: impl FnOnce(u16) + Send + 'static) {
+        let mut callbacks = self
+            .on_finish
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        callbacks.push(Box::new(callback));
+    }
+
+    /// Called by the proxy when the request finished with `status`; runs the callbacks once.
+    pub fn finish(&self, status: u16) {
+        let callbacks = {
+            let mut callbacks = self
+                .on_finish
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            if callbacks.is_empty() {
+                return;
+            }
+            std::mem::take(&mut *callbacks)
+        };
+        for callback in callbacks {
+            callback(status);
+        }
+    }
 }
 
 /// The certificate a client presented on an HTTPS listener with client authentication,
@@ -101,6 +161,7 @@ impl RequestOptions {
             tried: Vec::new(),
             backend: Arc::new(BackendSlot::default()),
             client_certificate: None,
+            scope: Arc::new(RequestScope::default()),
         }
     }
 
@@ -109,5 +170,23 @@ impl RequestOptions {
     pub fn with_client_certificate(mut self, extensions: &http::Extensions) -> Self {
         self.client_certificate = extensions.get::<Arc<ClientCertificate>>().cloned();
         self
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_scope_keeps_one_value_per_type_and_finishes_once() {
+        let scope = RequestScope::default();
+        assert_eq!(scope.get_or_insert_with(|| 7u32), 7);
+        assert_eq!(scope.get_or_insert_with(|| 8u32), 7, "made once");
+        let statuses = Arc::new(Mutex::new(Vec::new()));
+        let seen = statuses.clone();
+        scope.on_finish(move |status| seen.lock().expect("lock").push(status));
+        scope.finish(502);
+        scope.finish(200);
+        assert_eq!(*statuses.lock().expect("lock"), [502]);
     }
 }

@@ -17,7 +17,7 @@ pub mod denials;
 pub mod hooks;
 
 pub use body::{Body, BoxError, empty_body, full_body};
-pub use context::{BackendSlot, ClientCertificate, EndpointInfo, RequestOptions};
+pub use context::{BackendSlot, ClientCertificate, EndpointInfo, RequestOptions, RequestScope};
 pub use registry::{
     BuildContext, BuildError, Capabilities, Factory, Middleware, Registry, options,
 };

@@ -467,6 +467,7 @@ struct Record<'a> {
 impl Record<'_> {
     fn finish(&mut self, status: u16) {
         self.finished = true;
+        self.options.scope.finish(status);
         let handler = self.handler;
         let elapsed = self.start.elapsed();
         let metrics = handler.metrics.of(&self.method);

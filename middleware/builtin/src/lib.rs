@@ -29,6 +29,7 @@ pub mod ratelimit;
 pub mod rewrite;
 pub mod support;
 pub mod transcoder;
+pub mod tracing;
 pub mod transform;
 pub mod validation;
 
@@ -49,4 +50,5 @@ pub fn register_all(registry: &mut Registry, clients: client::Factory) {
     registry.register("auth", auth::factory);
     registry.register("cache", cache::factory);
     registry.register(transcoder::NAME, transcoder::factory);
+    registry.register("tracing", tracing::factory);
 }
