@@ -28,8 +28,8 @@ pub mod logging;
 pub mod ratelimit;
 pub mod rewrite;
 pub mod support;
-pub mod transcoder;
 pub mod tracing;
+pub mod transcoder;
 pub mod transform;
 pub mod validation;
 
