@@ -182,8 +182,8 @@ pub struct Middleware {
 pub struct Backend {
     /// `host:port`, `http(s)://host:port`, or `discovery:///service-name`.
     pub target: String,
-    /// Balancing weight for `wrr` (None: the node's own weight, default 10). protojson
-    /// writes it as a string, so `"10"` and `10` are both accepted.
+    /// Balancing weight for `wrr`, 1 to 4294967295 (None: the node's own weight, default
+    /// 10). protojson writes it as a string, so `"10"` and `10` are both accepted.
     #[serde(
         deserialize_with = "de_opt_i64",
         skip_serializing_if = "Option::is_none"
