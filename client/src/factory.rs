@@ -8,7 +8,7 @@ use std::time::Duration;
 use futures_util::future::BoxFuture;
 use http::header::{CONTENT_LENGTH, HOST, TRANSFER_ENCODING};
 use http::uri::{Authority, PathAndQuery, Scheme};
-use http::{HeaderValue, Request, Response, Uri, Version};
+use http::{HeaderMap, HeaderValue, Request, Response, Uri, Version};
 use http_body_util::BodyExt;
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::Client as HyperClient;
@@ -178,17 +178,19 @@ struct Inner {
     max_response_header_size: usize,
 }
 
-/// The size of a response head as HTTP/1.1 writes it: the status line (at most
-/// `HTTP/1.1 NNN ` and a short reason) and `name: value\r\n` per header. hyper's
-/// `max_buf_size` alone does not bound it: one read may bring in more than the buffer limit.
-fn head_size<B>(response: &Response<B>) -> usize {
+/// In one pass over a response's headers: the size of its head as HTTP/1.1 writes it (a
+/// status line of at most 32 bytes, `name: value\r\n` per header; hyper's `max_buf_size`
+/// alone does not bound it, since one read may bring in more than the buffer limit), and
+/// whether it has a `Transfer-Encoding`.
+fn head_facts(headers: &HeaderMap) -> (usize, bool) {
     const STATUS_LINE: usize = 32;
-    response
-        .headers()
-        .iter()
-        .map(|(name, value)| name.as_str().len() + value.len() + 4)
-        .sum::<usize>()
-        + STATUS_LINE
+    let mut size = STATUS_LINE;
+    let mut transfer_encoding = false;
+    for (name, value) in headers {
+        size += name.as_str().len() + value.len() + 4;
+        transfer_encoding |= name == TRANSFER_ENCODING;
+    }
+    (size, transfer_encoding)
 }
 
 impl Client {
@@ -305,21 +307,22 @@ impl Inner {
         })?;
         *req.version_mut() = self.version;
         match self.http.request(req).await {
-            Ok(response) if head_size(&response) > self.max_response_header_size => {
-                done.done(DoneInfo { success: false });
-                Err(Error::ResponseHeadTooLarge {
-                    address: node.address.clone(),
-                    limit: self.max_response_header_size,
-                })
-            }
             Ok(response) => {
+                let (head_size, has_transfer_encoding) = head_facts(response.headers());
+                if head_size > self.max_response_header_size {
+                    done.done(DoneInfo { success: false });
+                    return Err(Error::ResponseHeadTooLarge {
+                        address: node.address.clone(),
+                        limit: self.max_response_header_size,
+                    });
+                }
                 let success = !response.status().is_server_error();
                 // `parts` keeps the extensions (an upgrade's `OnUpgrade` among them).
                 let (mut parts, body) = response.into_parts();
                 // Both framings: hyper reads the body by `Transfer-Encoding`, so the
                 // `Content-Length` is a lie that would frame a truncated body as complete
                 // downstream (RFC 9112 §6.3: Transfer-Encoding overrides it).
-                if parts.headers.contains_key(TRANSFER_ENCODING) {
+                if has_transfer_encoding {
                     parts.headers.remove(CONTENT_LENGTH);
                 }
                 let body = if http_body::Body::is_end_stream(&body) {

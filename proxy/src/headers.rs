@@ -10,8 +10,9 @@ use http::{Request, Version};
 ///
 /// Refused: more than one `Host` header; none on an HTTP/1.1 request (HTTP/1.0 may omit
 /// it, HTTP/2 carries `:authority` instead); a value that is not `host[:port]` (no
-/// userinfo, path or whitespace); on HTTP/2, a `Host` naming another authority than
-/// `:authority` (RFC 9113 §8.3.1). Routing and forwarding then agree on one host.
+/// userinfo, path or whitespace); on HTTP/2, a `Host` naming another host than
+/// `:authority` (RFC 9113 §8.3.1; ports are not compared, routing ignores them). Routing
+/// and forwarding then agree on one host.
 pub(crate) fn host_problem<B>(req: &Request<B>) -> Option<&'static str> {
     let mut hosts = req.headers().get_all(HOST).iter();
     let Some(host) = hosts.next() else {
@@ -26,12 +27,21 @@ pub(crate) fn host_problem<B>(req: &Request<B>) -> Option<&'static str> {
     if req.version() == Version::HTTP_2
         && let Some(authority) = req.uri().authority()
         && !authority
-            .as_str()
-            .eq_ignore_ascii_case(host.to_str().unwrap_or_default())
+            .host()
+            .eq_ignore_ascii_case(host_name(host.to_str().unwrap_or_default()))
     {
         return Some("Host differs from :authority");
     }
     None
+}
+
+/// The name part of a valid `Host` value (its port left out; an IP literal keeps its
+/// brackets, as `http::uri::Authority::host` does).
+fn host_name(host: &str) -> &str {
+    match host.rfind(':') {
+        Some(colon) if !host[colon..].contains(']') => &host[..colon],
+        _ => host,
+    }
 }
 
 /// `uri-host [ ":" port ]` (RFC 9110 §7.2): an IP literal in brackets or a reg-name
@@ -435,7 +445,11 @@ mod tests {
                 .expect("request")
         };
         assert_eq!(host_problem(&h2("API.example.com")), None);
+        assert_eq!(host_problem(&h2("api.example.com:80")), None);
         assert!(host_problem(&h2("admin.example.com")).is_some());
+        assert_eq!(host_name("[::1]:8080"), "[::1]");
+        assert_eq!(host_name("[::1]"), "[::1]");
+        assert_eq!(host_name("a.test:1"), "a.test");
     }
 
     #[test]
