@@ -24,6 +24,14 @@ pub enum Error {
         #[source]
         source: hyper_util::client::legacy::Error,
     },
+    /// The node's response head is larger than the limit (502); it is dropped unread.
+    #[error("upstream {address}: response head larger than {limit} bytes")]
+    ResponseHeadTooLarge {
+        /// The node's address.
+        address: String,
+        /// The limit, `ClientOptions::max_response_header_size`.
+        limit: usize,
+    },
     /// The node's address is not a valid `host:port`.
     #[error("node address {address:?} is not a valid host:port")]
     BadAddress {

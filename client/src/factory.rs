@@ -6,9 +6,9 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use futures_util::future::BoxFuture;
-use http::header::HOST;
+use http::header::{CONTENT_LENGTH, HOST, TRANSFER_ENCODING};
 use http::uri::{Authority, PathAndQuery, Scheme};
-use http::{HeaderValue, Request, Response, Uri, Version};
+use http::{HeaderMap, HeaderValue, Request, Response, Uri, Version};
 use http_body_util::BodyExt;
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::Client as HyperClient;
@@ -34,6 +34,11 @@ pub struct ClientOptions {
     pub pool_idle_timeout: Duration,
     /// Idle connections kept per node (default 256).
     pub pool_max_idle_per_host: usize,
+    /// Largest response head accepted from a node, in bytes (default 64 KiB, as the
+    /// downstream request side): status line and header lines as HTTP/1.1 writes them. A
+    /// larger one fails the attempt (502) and is never passed on. (HTTP/2 nodes are also
+    /// held to hyper's 16 KiB header-list limit.)
+    pub max_response_header_size: usize,
 }
 
 impl Default for ClientOptions {
@@ -42,6 +47,7 @@ impl Default for ClientOptions {
             connect_timeout: Duration::from_secs(3),
             pool_idle_timeout: Duration::from_secs(90),
             pool_max_idle_per_host: 256,
+            max_response_header_size: 64 * 1024,
         }
     }
 }
@@ -128,6 +134,7 @@ impl Factory {
                 http,
                 applier,
                 version,
+                max_response_header_size: self.options.max_response_header_size,
             }),
         })
     }
@@ -152,6 +159,7 @@ fn pool(options: &ClientOptions, tls: rustls::ClientConfig, http2_only: bool) ->
         .pool_timer(TokioTimer::new())
         .pool_idle_timeout(options.pool_idle_timeout)
         .pool_max_idle_per_host(options.pool_max_idle_per_host)
+        .http1_max_buf_size(options.max_response_header_size.max(8192))
         .http2_only(http2_only)
         .build(connector)
 }
@@ -167,6 +175,22 @@ struct Inner {
     http: Pool,
     applier: NodeApplier,
     version: Version,
+    max_response_header_size: usize,
+}
+
+/// In one pass over a response's headers: the size of its head as HTTP/1.1 writes it (a
+/// status line of at most 32 bytes, `name: value\r\n` per header; hyper's `max_buf_size`
+/// alone does not bound it, since one read may bring in more than the buffer limit), and
+/// whether it has a `Transfer-Encoding`.
+fn head_facts(headers: &HeaderMap) -> (usize, bool) {
+    const STATUS_LINE: usize = 32;
+    let mut size = STATUS_LINE;
+    let mut transfer_encoding = false;
+    for (name, value) in headers {
+        size += name.as_str().len() + value.len() + 4;
+        transfer_encoding |= name == TRANSFER_ENCODING;
+    }
+    (size, transfer_encoding)
 }
 
 impl Client {
@@ -291,9 +315,23 @@ impl Inner {
         *req.version_mut() = self.version;
         match self.http.request(req).await {
             Ok(response) => {
+                let (head_size, has_transfer_encoding) = head_facts(response.headers());
+                if head_size > self.max_response_header_size {
+                    done.done(DoneInfo { success: false });
+                    return Err(Error::ResponseHeadTooLarge {
+                        address: node.address.clone(),
+                        limit: self.max_response_header_size,
+                    });
+                }
                 let success = !response.status().is_server_error();
                 // `parts` keeps the extensions (an upgrade's `OnUpgrade` among them).
-                let (parts, body) = response.into_parts();
+                let (mut parts, body) = response.into_parts();
+                // Both framings: hyper reads the body by `Transfer-Encoding`, so the
+                // `Content-Length` is a lie that would frame a truncated body as complete
+                // downstream (RFC 9112 §6.3: Transfer-Encoding overrides it).
+                if has_transfer_encoding {
+                    parts.headers.remove(CONTENT_LENGTH);
+                }
                 let body = if http_body::Body::is_end_stream(&body) {
                     done.done(DoneInfo { success });
                     body.map_err(BoxError::from).boxed_unsync()

@@ -182,8 +182,8 @@ pub struct Middleware {
 pub struct Backend {
     /// `host:port`, `http(s)://host:port`, or `discovery:///service-name`.
     pub target: String,
-    /// Balancing weight for `wrr` (None: the node's own weight, default 10). protojson
-    /// writes it as a string, so `"10"` and `10` are both accepted.
+    /// Balancing weight for `wrr`, 1 to 4294967295 (None: the node's own weight, default
+    /// 10). protojson writes it as a string, so `"10"` and `10` are both accepted.
     #[serde(
         deserialize_with = "de_opt_i64",
         skip_serializing_if = "Option::is_none"
@@ -207,10 +207,11 @@ pub struct Backend {
 pub struct HealthCheck {}
 
 /// When and how often a request is retried.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase", default)]
 pub struct Retry {
-    /// Total attempts including the first (0 and 1 both mean no retry). Accepts `"3"` too.
+    /// Total attempts including the first (default 1: no retry); validation refuses 0.
+    /// Accepts `"3"` too.
     #[serde(deserialize_with = "de_u32")]
     pub attempts: u32,
     /// Deadline for each attempt (None: only the endpoint `timeout` applies).
@@ -224,6 +225,17 @@ pub struct Retry {
     pub conditions: Vec<Condition>,
     /// Kratos' node priority groups (e.g. `primary`, `secondary`); accepted, not acted on.
     pub priorities: Vec<String>,
+}
+
+impl Default for Retry {
+    fn default() -> Self {
+        Self {
+            attempts: 1,
+            per_try_timeout: None,
+            conditions: Vec::new(),
+            priorities: Vec::new(),
+        }
+    }
 }
 
 /// A retry condition: exactly one of `by_status_code` or `by_header` is set.

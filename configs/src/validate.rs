@@ -25,7 +25,10 @@ pub const SELECTORS: [&str; 4] = ["", "p2c", "wrr", "random"];
 /// - no two endpoints with the same method (case-insensitive), path and host;
 /// - at least one backend, each target `host:port`, `http(s)://host:port` or
 ///   `discovery:///name`; a `tlsConfigName` must name a `tlsStore` entry;
+/// - `{name:regex}` constraints of the path compile;
+/// - a backend `weight` within 1..=4294967295;
 /// - `selector` empty, `p2c`, `wrr` or `random`; middlewares have a name;
+/// - `retry.attempts` at least 1 (left out, it is 1);
 /// - each retry condition has exactly one of `byStatusCode` (within 100-599, from <= to)
 ///   and `byHeader` (with a name).
 ///
@@ -200,6 +203,9 @@ fn check_endpoint(endpoint: &Endpoint, path: &FieldPath) -> Result<(), Issue> {
             format!("path {:?} must start with '/'", endpoint.path),
         ));
     }
+    if let Some(message) = constraint_problem(&endpoint.path) {
+        return Err(Issue::new(path.key("path"), message));
+    }
     if !endpoint.method.bytes().all(is_token_byte) {
         return Err(Issue::new(
             path.key("method"),
@@ -226,6 +232,12 @@ fn check_endpoint(endpoint: &Endpoint, path: &FieldPath) -> Result<(), Issue> {
         check_backend(backend, &path.key("backends").index(i))?;
     }
     if let Some(retry) = &endpoint.retry {
+        if retry.attempts == 0 {
+            return Err(Issue::new(
+                path.key("retry").key("attempts"),
+                "attempts must be at least 1 (the first try counts; 1 = no retry)",
+            ));
+        }
         let conditions = path.key("retry").key("conditions");
         for (i, condition) in retry.conditions.iter().enumerate() {
             check_condition(condition, &conditions.index(i))?;
@@ -247,7 +259,50 @@ fn check_middlewares(middlewares: &[Middleware], path: &FieldPath) -> Result<(),
 }
 
 fn check_backend(backend: &Backend, path: &FieldPath) -> Result<(), Issue> {
-    check_target(&backend.target).map_err(|message| Issue::new(path.key("target"), message))
+    check_target(&backend.target).map_err(|message| Issue::new(path.key("target"), message))?;
+    if let Some(weight) = backend.weight
+        && !(1..=MAX_WEIGHT).contains(&weight)
+    {
+        return Err(Issue::new(
+            path.key("weight"),
+            format!("weight {weight} is out of range 1..={MAX_WEIGHT}"),
+        ));
+    }
+    Ok(())
+}
+
+/// The largest backend weight the `wrr` selector takes.
+pub(crate) const MAX_WEIGHT: i64 = u32::MAX as i64;
+
+/// Why a `{name:regex}` constraint of a path pattern does not compile, in one line; the
+/// router compiles each constraint anchored (`^(?:regex)$`), and so does this check.
+fn constraint_problem(pattern: &str) -> Option<String> {
+    let body = pattern.strip_prefix('/')?;
+    let body = body.strip_suffix("/*").unwrap_or(body);
+    body.split('/').find_map(|piece| {
+        let (_, constraint) = piece
+            .strip_prefix('{')
+            .and_then(|p| p.strip_suffix('}'))?
+            .split_once(':')?;
+        let err = regex::Regex::new(&format!("^(?:{constraint})$")).err()?;
+        Some(format!(
+            "invalid regex {constraint:?} in path pattern: {}",
+            regex_summary(&err)
+        ))
+    })
+}
+
+/// The one-line gist of a regex error: the crate's syntax errors are a multi-line diagram
+/// whose last `error: ` line says what is wrong.
+fn regex_summary(err: &regex::Error) -> String {
+    let text = err.to_string();
+    text.lines()
+        .rev()
+        .find_map(|line| line.trim().strip_prefix("error: "))
+        .or_else(|| text.lines().rev().find(|line| !line.trim().is_empty()))
+        .unwrap_or("invalid regex")
+        .trim()
+        .to_owned()
 }
 
 /// A backend target is `host:port`, `http(s)://host:port` or `discovery:///name`.

@@ -319,3 +319,95 @@ fn validate_works_on_configs_built_in_code() {
         "{error}"
     );
 }
+
+#[test]
+fn bad_route_regex_is_one_line_at_the_path() {
+    let text = "\
+endpoints:
+  - path: /a
+    backends: [{target: 'a:1'}]
+  - path: /api/{id:[0-9+}/x
+    backends: [{target: 'a:1'}]
+";
+    let error = rejects(
+        text,
+        4,
+        11,
+        "endpoints[1].path: invalid regex \"[0-9+\" in path pattern: unclosed character class",
+    );
+    assert!(!error.to_string().contains('\n'), "{error:?}");
+
+    // In a prefix pattern, and as the regex crate's other errors.
+    let text = "\
+endpoints:
+  - path: '/files/{name:a{2,1}}/*'
+    backends: [{target: 'a:1'}]
+";
+    let error = rejects(text, 2, 11, "invalid regex \"a{2,1}\" in path pattern: ");
+    assert!(!error.to_string().contains('\n'), "{error:?}");
+
+    // Constraints the router accepts pass.
+    let text = "\
+endpoints:
+  - path: '/users/{id:[0-9]+}/{name:[a-z]{2,8}}'
+    backends: [{target: 'a:1'}]
+";
+    parse(text, Path::new("good.yaml")).expect("valid constraints");
+}
+
+#[test]
+fn weight_must_be_positive() {
+    for weight in ["-1", "0", "'-5'", "4294967296"] {
+        let text = format!(
+            "\
+endpoints:
+  - path: /a
+    backends:
+      - target: 'a:1'
+      - target: 'b:1'
+        weight: {weight}
+"
+        );
+        rejects(&text, 6, 17, "endpoints[0].backends[1].weight: weight ");
+    }
+    let text = "\
+endpoints:
+  - path: /a
+    backends: [{target: 'a:1', weight: 1}, {target: 'b:1', weight: 4294967295}]
+";
+    parse(text, Path::new("good.yaml")).expect("weights in range");
+}
+
+#[test]
+fn attempts_must_be_at_least_one() {
+    for attempts in ["0", "'0'"] {
+        let text = format!(
+            "\
+endpoints:
+  - path: /a
+    backends: [{{target: 'a:1'}}]
+    retry:
+      attempts: {attempts}
+"
+        );
+        rejects(
+            &text,
+            5,
+            17,
+            "endpoints[0].retry.attempts: attempts must be at least 1",
+        );
+    }
+    // Left out, it is one attempt (no retry), as in Kratos.
+    let text = "\
+endpoints:
+  - path: /a
+    backends: [{target: 'a:1'}]
+    retry:
+      perTryTimeout: 1s
+";
+    let gateway = parse(text, Path::new("good.yaml")).expect("attempts left out");
+    assert_eq!(
+        gateway.endpoints[0].retry.as_ref().map(|r| r.attempts),
+        Some(1)
+    );
+}

@@ -11,7 +11,10 @@ use hyper::body::Incoming;
 use middleware::Body;
 
 use crate::Proxy;
+use crate::error::ProxyError;
+use crate::headers::host_problem;
 use crate::metrics::Metrics;
+use crate::render::{Dialect, error_response};
 
 /// `/metrics` in Prometheus text format; 403 to a request that came through another proxy
 /// (`X-Forwarded-For` or `Forwarded`), as Kratos answers, so metrics never leak to the
@@ -66,13 +69,20 @@ impl Edge {
         self.proxy.metrics()
     }
 
-    /// Serves one request: `/metrics`, `/debug/*` (when mounted), else the proxy. Every
-    /// branch lives in one async fn, so the proxied path pays for no extra boxing.
+    /// Serves one request: a malformed `Host` gets 400, then `/metrics`, `/debug/*` (when
+    /// mounted), else the proxy. Every branch lives in one async fn, so the proxied path
+    /// pays for no extra boxing.
     pub async fn call(
         self: Arc<Self>,
         req: Request<Incoming>,
         remote: SocketAddr,
     ) -> Result<Response<Body>, Infallible> {
+        // A request off the wire whose Host is missing, doubled or invalid is refused
+        // before anything routes it (RFC 9112 §3.2).
+        if let Some(problem) = host_problem(&req) {
+            let dialect = Dialect::of_request(&req);
+            return Ok(error_response(&ProxyError::BadRequest(problem), dialect));
+        }
         if req.uri().path() == "/metrics" {
             return Ok(metrics_response(self.metrics(), &req));
         }

@@ -7,6 +7,7 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use futures_util::StreamExt;
 use http::{HeaderMap, Method, Request, Response, StatusCode, Uri, Version};
 use http_body::{Body as HttpBody, Frame, SizeHint};
 use http_body_util::BodyExt;
@@ -348,6 +349,18 @@ impl EndpointHandler {
         options: &mut RequestOptions,
     ) -> Result<Response<Body>, ProxyError> {
         let mut attempts = self.retry.attempts;
+        // An HTTP/1 body of unknown length is chunked: its framing is only checked as it is
+        // read. Its first chunk is read before a node is picked, so a malformed one is
+        // answered 400 and the upstream sees nothing of the request (a later one cuts the
+        // upstream request off mid-body, see `ProxyError::from_client`).
+        let body = if head.version <= Version::HTTP_11
+            && !body.is_end_stream()
+            && body.size_hint().exact().is_none()
+        {
+            first_frame_read(body).await?
+        } else {
+            body
+        };
         let mut streaming = Some(body);
         let mut replay: Option<Bytes> = None;
         if attempts > 1 {
@@ -357,7 +370,12 @@ impl EndpointHandler {
             if replayable {
                 let body = streaming.take().map(|b| b.collect());
                 if let Some(collect) = body {
-                    replay = Some(collect.await.map_err(ProxyError::ClientGone)?.to_bytes());
+                    replay = Some(
+                        collect
+                            .await
+                            .map_err(ProxyError::from_request_body)?
+                            .to_bytes(),
+                    );
                 }
             } else {
                 attempts = 1;
@@ -440,6 +458,20 @@ async fn within<F: std::future::Future>(
             .await
             .map_err(|_| ProxyError::Timeout),
         None => Ok(future.await),
+    }
+}
+
+/// `body` with its first frame already read (it is replayed first): a framing error in it
+/// surfaces here, before anything is sent upstream.
+async fn first_frame_read(mut body: Body) -> Result<Body, ProxyError> {
+    match body.frame().await {
+        None => Ok(middleware::empty_body()),
+        Some(Ok(first)) => {
+            let first = futures_util::stream::once(std::future::ready(Ok(first)));
+            let rest = http_body_util::BodyStream::new(body);
+            Ok(http_body_util::StreamBody::new(first.chain(rest)).boxed_unsync())
+        }
+        Some(Err(err)) => Err(ProxyError::from_request_body(err)),
     }
 }
 

@@ -1,6 +1,8 @@
 //! Why a request could not be answered by an upstream, which side failed, and whether
 //! another attempt may help. [`crate::render`] turns these into what the client sees.
 
+use std::error::Error as _;
+
 use middleware::BoxError;
 
 /// Which side of the proxy a failure came from (as pingora tells them apart).
@@ -29,6 +31,10 @@ pub enum ProxyError {
     /// The path has a `.` or `..` segment (400).
     #[error("dot segment in path")]
     DotSegment,
+    /// The request is malformed (400): its `Host`, a percent-escape of its path, or the
+    /// framing of its body. Nothing of it was forwarded, or what was is cut off.
+    #[error("bad request: {0}")]
+    BadRequest(&'static str),
     /// The endpoint timeout or the last per-try timeout passed (504).
     #[error("upstream timed out")]
     Timeout,
@@ -47,12 +53,28 @@ pub enum ProxyError {
 }
 
 impl ProxyError {
+    /// Classifies an error of reading the downstream request body: a malformed body
+    /// (a bad chunk size line, ...) is the client's fault (400); anything else means the
+    /// client went away or stalled mid-body (499).
+    pub fn from_request_body(err: BoxError) -> Self {
+        if is_malformed(err.as_ref()) {
+            ProxyError::BadRequest("malformed request body")
+        } else {
+            ProxyError::ClientGone(err)
+        }
+    }
+
     /// Classifies an error that came out of the middleware chain / client.
     pub fn from_round_trip(err: BoxError) -> Self {
         let err = match err.downcast::<client::Error>() {
             Ok(client_error) => return Self::from_client(*client_error),
             Err(err) => err,
         };
+        match request_body_failure(err.as_ref()) {
+            Some(true) => return ProxyError::BadRequest("malformed request body"),
+            Some(false) => return ProxyError::ClientGone(err),
+            None => {}
+        }
         let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(err.as_ref());
         while let Some(current) = cause {
             if let Some(client_error) = current.downcast_ref::<client::Error>() {
@@ -72,6 +94,11 @@ impl ProxyError {
 
     /// Classifies an error of a direct client call.
     pub fn from_client(err: client::Error) -> Self {
+        match request_body_failure(&err) {
+            Some(true) => return ProxyError::BadRequest("malformed request body"),
+            Some(false) => return ProxyError::ClientGone(Box::new(err)),
+            None => {}
+        }
         match err {
             client::Error::NoNode => ProxyError::NoNode,
             err @ client::Error::Connect { .. } => ProxyError::Connect(Box::new(err)),
@@ -85,7 +112,8 @@ impl ProxyError {
             ProxyError::ClientGone(_)
             | ProxyError::NotFound
             | ProxyError::MethodNotAllowed
-            | ProxyError::DotSegment => Side::Downstream,
+            | ProxyError::DotSegment
+            | ProxyError::BadRequest(_) => Side::Downstream,
             ProxyError::Timeout
             | ProxyError::NoNode
             | ProxyError::Connect(_)
@@ -102,4 +130,36 @@ impl ProxyError {
             ProxyError::Timeout | ProxyError::Connect(_) | ProxyError::Upstream(_)
         )
     }
+}
+
+/// When the upstream exchange failed because reading the request body failed (hyper
+/// reports that as a "user" error caused by the body): whether the body was malformed.
+/// `None` when the failure was not the request body's.
+fn request_body_failure(err: &(dyn std::error::Error + 'static)) -> Option<bool> {
+    let mut cause = Some(err);
+    while let Some(current) = cause {
+        if let Some(hyper_error) = current.downcast_ref::<hyper::Error>()
+            && hyper_error.is_user()
+        {
+            return hyper_error.source().map(is_malformed);
+        }
+        cause = current.source();
+    }
+    None
+}
+
+/// Whether a body error is a framing error of the message (hyper's decoder reports those
+/// as `InvalidInput`/`InvalidData` I/O errors; a body cut short is `UnexpectedEof`).
+fn is_malformed(err: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cause = Some(err);
+    while let Some(current) = cause {
+        if let Some(io) = current.downcast_ref::<std::io::Error>() {
+            return matches!(
+                io.kind(),
+                std::io::ErrorKind::InvalidInput | std::io::ErrorKind::InvalidData
+            );
+        }
+        cause = current.source();
+    }
+    false
 }

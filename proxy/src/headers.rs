@@ -1,8 +1,101 @@
-//! Header rules of a proxy hop: hop-by-hop removal and `X-Forwarded-For`.
+//! Header rules of a proxy hop: the `Host` check, hop-by-hop removal and
+//! `X-Forwarded-For`.
 
 use std::net::IpAddr;
 
-use http::header::{CONNECTION, HeaderMap, HeaderName, HeaderValue, TE, UPGRADE};
+use http::header::{CONNECTION, HOST, HeaderMap, HeaderName, HeaderValue, TE, UPGRADE};
+use http::{Request, Version};
+
+/// Why a request's `Host` makes it unroutable (RFC 9112 §3.2: answer 400), or `None`.
+///
+/// Refused: more than one `Host` header; none on an HTTP/1.1 request (HTTP/1.0 may omit
+/// it, HTTP/2 carries `:authority` instead); a value that is not `host[:port]` (no
+/// userinfo, path or whitespace); on HTTP/2, a `Host` naming another host than
+/// `:authority` (RFC 9113 §8.3.1; ports are not compared, routing ignores them). Routing
+/// and forwarding then agree on one host.
+pub(crate) fn host_problem<B>(req: &Request<B>) -> Option<&'static str> {
+    let mut hosts = req.headers().get_all(HOST).iter();
+    let Some(host) = hosts.next() else {
+        return (req.version() == Version::HTTP_11).then_some("missing Host header");
+    };
+    if hosts.next().is_some() {
+        return Some("more than one Host header");
+    }
+    if !is_host_value(host.as_bytes()) {
+        return Some("invalid Host header");
+    }
+    if req.version() == Version::HTTP_2
+        && let Some(authority) = req.uri().authority()
+        && !authority
+            .host()
+            .eq_ignore_ascii_case(host_name(host.to_str().unwrap_or_default()))
+    {
+        return Some("Host differs from :authority");
+    }
+    None
+}
+
+/// The name part of a valid `Host` value (its port left out; an IP literal keeps its
+/// brackets, as `http::uri::Authority::host` does).
+fn host_name(host: &str) -> &str {
+    match host.rfind(':') {
+        Some(colon) if !host[colon..].contains(']') => &host[..colon],
+        _ => host,
+    }
+}
+
+/// `uri-host [ ":" port ]` (RFC 9110 §7.2): an IP literal in brackets or a reg-name
+/// (unreserved, percent-escapes, sub-delims), then optionally `:` and digits. Empty is
+/// allowed (a request target without authority).
+fn is_host_value(value: &[u8]) -> bool {
+    let (host, port) = match value.strip_prefix(b"[") {
+        Some(literal) => match literal.iter().position(|&b| b == b']') {
+            Some(end) => {
+                let address = &literal[..end];
+                let valid = !address.is_empty()
+                    && address
+                        .iter()
+                        .all(|&b| b.is_ascii_hexdigit() || matches!(b, b':' | b'.'));
+                if !valid {
+                    return false;
+                }
+                (&b""[..], &literal[end + 1..])
+            }
+            None => return false,
+        },
+        None => match value.iter().position(|&b| b == b':') {
+            Some(colon) => (&value[..colon], &value[colon..]),
+            None => (value, &b""[..]),
+        },
+    };
+    let port_ok = match port.split_first() {
+        None => true,
+        Some((b':', digits)) => digits.iter().all(u8::is_ascii_digit),
+        Some(_) => false,
+    };
+    port_ok
+        && host.iter().all(|&b| {
+            b.is_ascii_alphanumeric()
+                || matches!(
+                    b,
+                    b'-' | b'.'
+                        | b'_'
+                        | b'~'
+                        | b'%'
+                        | b'!'
+                        | b'$'
+                        | b'&'
+                        | b'\''
+                        | b'('
+                        | b')'
+                        | b'*'
+                        | b'+'
+                        | b','
+                        | b';'
+                        | b'='
+                )
+        })
+}
 
 /// Hop-by-hop headers (RFC 9110 §7.6.1 plus the legacy `Keep-Alive`/`Proxy-Connection`).
 static HOP_BY_HOP: [HeaderName; 9] = [
@@ -217,6 +310,26 @@ fn ip_value(peer: IpAddr) -> HeaderValue {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn hosts_of_the_grammar_pass_and_one_bad_byte_fails(
+            name in "[a-zA-Z0-9._~-]{1,20}",
+            port in proptest::option::of(0u32..70000),
+            bad in "[ /@?#\\[\\]\t\"<>{}|^`]",
+            at in any::<proptest::sample::Index>(),
+        ) {
+            let host = match port {
+                Some(port) => format!("{name}:{port}"),
+                None => name.clone(),
+            };
+            prop_assert!(is_host_value(host.as_bytes()), "{}", host);
+            let mut broken = name.clone();
+            broken.insert_str(at.index(name.len() + 1), &bad);
+            prop_assert!(!is_host_value(broken.as_bytes()), "{:?}", broken);
+        }
+    }
 
     #[test]
     fn strips_hop_by_hop_and_connection_named() {
@@ -274,6 +387,69 @@ mod tests {
             h.insert(UPGRADE, HeaderValue::from_static(protocols));
             assert!(!asks_upgrade(&h, hop_by_hop_present(&h)), "{protocols}");
         }
+    }
+
+    #[test]
+    fn host_values() {
+        for good in [
+            "",
+            "example.com",
+            "example.com:8080",
+            "EXAMPLE.com.",
+            "127.0.0.1:80",
+            "[::1]:8443",
+            "[::ffff:127.0.0.1]",
+            "a_b-c~d",
+            "host:",
+        ] {
+            assert!(is_host_value(good.as_bytes()), "{good}");
+        }
+        for bad in [
+            "a b/c@d",
+            "user@example.com",
+            "example.com/path",
+            "example.com:80:80",
+            "example.com:8o",
+            "[::1",
+            "[]",
+            "[::1]x",
+            "ex ample",
+            "a\tb",
+            "h?q",
+        ] {
+            assert!(!is_host_value(bad.as_bytes()), "{bad}");
+        }
+    }
+
+    #[test]
+    fn host_rules() {
+        let request = |version: Version, hosts: &[&str]| {
+            let mut req = Request::get("/").version(version);
+            for host in hosts {
+                req = req.header(HOST, *host);
+            }
+            req.body(()).expect("request")
+        };
+        assert_eq!(host_problem(&request(Version::HTTP_11, &["a"])), None);
+        assert_eq!(host_problem(&request(Version::HTTP_10, &[])), None);
+        assert_eq!(host_problem(&request(Version::HTTP_2, &[])), None);
+        assert!(host_problem(&request(Version::HTTP_11, &[])).is_some());
+        assert!(host_problem(&request(Version::HTTP_11, &["a", "a"])).is_some());
+        assert!(host_problem(&request(Version::HTTP_10, &["a", "b"])).is_some());
+        assert!(host_problem(&request(Version::HTTP_11, &["a b/c@d"])).is_some());
+        let h2 = |host: &str| {
+            Request::get("http://api.example.com/")
+                .version(Version::HTTP_2)
+                .header(HOST, host)
+                .body(())
+                .expect("request")
+        };
+        assert_eq!(host_problem(&h2("API.example.com")), None);
+        assert_eq!(host_problem(&h2("api.example.com:80")), None);
+        assert!(host_problem(&h2("admin.example.com")).is_some());
+        assert_eq!(host_name("[::1]:8080"), "[::1]");
+        assert_eq!(host_name("[::1]"), "[::1]");
+        assert_eq!(host_name("a.test:1"), "a.test");
     }
 
     #[test]

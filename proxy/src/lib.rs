@@ -15,16 +15,20 @@ pub mod server;
 pub mod tls;
 mod tunnel;
 
+use std::borrow::Cow;
 use std::net::SocketAddr;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
+use bytes::Bytes;
 use futures_util::FutureExt;
-use http::{Request, Response};
+use http::uri::PathAndQuery;
+use http::{Request, Response, Uri};
 use http_body_util::BodyExt;
 use middleware::{Body, BoxError, BuildContext, EndpointInfo, Registry};
+use router::path::PathError;
 use router::{MuxRouter, RouteMatch, Router};
 use serde::Serialize;
 
@@ -275,6 +279,28 @@ impl Proxy {
         B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
         B::Error: Into<BoxError>,
     {
+        // One spelling of the path for the router and the upstream alike.
+        let normal = match router::path::normalize(req.uri().path()) {
+            Ok(Cow::Borrowed(_)) => None,
+            Ok(Cow::Owned(normal)) => Some(normal),
+            Err(err) => {
+                let err = match err {
+                    PathError::DotSegment => ProxyError::DotSegment,
+                    PathError::BadEscape => ProxyError::BadRequest("invalid percent-encoding"),
+                };
+                return error_response(&err, Dialect::of_request(&req));
+            }
+        };
+        let mut req = req;
+        if let Some(normal) = normal {
+            match with_path(std::mem::take(req.uri_mut()), &normal) {
+                Some(uri) => *req.uri_mut() = uri,
+                None => {
+                    let err = ProxyError::BadRequest("invalid path");
+                    return error_response(&err, Dialect::of_request(&req));
+                }
+            }
+        }
         let state = self.state.load_full();
         // The Host header is only looked at when some route is bound to a host.
         let host = if state.any_host {
@@ -283,9 +309,6 @@ impl Proxy {
             ""
         };
         let path = req.uri().path();
-        if has_dot_segment(path) {
-            return error_response(&ProxyError::DotSegment, Dialect::of_request(&req));
-        }
         let handler = match state.router.route(req.method().as_str(), host, path) {
             RouteMatch::Found(handler) => handler.clone(),
             RouteMatch::NotFound => {
@@ -341,16 +364,15 @@ fn spawn_close(close: impl std::future::Future<Output = ()> + Send + 'static) {
     }
 }
 
-/// Whether a path has a `.` or `..` segment (also percent-encoded). Such paths would route
-/// by one prefix and reach an upstream that resolves them to another, so they are refused.
-fn has_dot_segment(path: &str) -> bool {
-    if !path.contains('.') && !path.contains('%') {
-        return false;
-    }
-    path.split('/').any(|segment| {
-        let decoded = segment.to_ascii_lowercase().replace("%2e", ".");
-        decoded == "." || decoded == ".."
-    })
+/// `uri` with its path replaced by `path` (the query kept).
+fn with_path(uri: Uri, path: &str) -> Option<Uri> {
+    let mut parts = uri.into_parts();
+    let path_and_query = match parts.path_and_query.as_ref().and_then(|p| p.query()) {
+        Some(query) => format!("{path}?{query}"),
+        None => path.to_owned(),
+    };
+    parts.path_and_query = Some(PathAndQuery::from_maybe_shared(Bytes::from(path_and_query)).ok()?);
+    Uri::from_parts(parts).ok()
 }
 
 fn endpoint_name(endpoint: &configs::Endpoint) -> String {
@@ -378,51 +400,4 @@ fn request_host<B>(req: &Request<B>) -> &str {
         .and_then(|h| h.to_str().ok())
         .or_else(|| req.uri().host())
         .unwrap_or("")
-}
-
-#[cfg(test)]
-mod tests {
-    use super::has_dot_segment;
-    use proptest::prelude::*;
-
-    /// The naive reading: percent-decode every segment, then look for `.` and `..`.
-    fn reference(path: &str) -> bool {
-        path.split('/').any(|segment| {
-            let mut decoded = Vec::new();
-            let bytes = segment.as_bytes();
-            let mut i = 0;
-            while i < bytes.len() {
-                let hex = bytes
-                    .get(i + 1..i + 3)
-                    .and_then(|pair| std::str::from_utf8(pair).ok())
-                    .and_then(|pair| u8::from_str_radix(pair, 16).ok());
-                match (bytes[i], hex) {
-                    (b'%', Some(byte)) => {
-                        decoded.push(byte);
-                        i += 3;
-                    }
-                    (byte, _) => {
-                        decoded.push(byte);
-                        i += 1;
-                    }
-                }
-            }
-            decoded == b"." || decoded == b".."
-        })
-    }
-
-    proptest! {
-        #[test]
-        fn dot_segments_match_the_naive_decoder(path in "(/[.%2eEa]{0,6}){1,5}") {
-            prop_assert_eq!(has_dot_segment(&path), reference(&path), "path {}", path);
-        }
-
-        #[test]
-        fn any_path_is_judged_without_panicking(path in "\\PC{0,64}") {
-            let refused = has_dot_segment(&path);
-            if !path.contains('.') && !path.contains('%') {
-                prop_assert!(!refused);
-            }
-        }
-    }
 }

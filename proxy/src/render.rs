@@ -70,6 +70,11 @@ pub fn error_response(err: &ProxyError, dialect: Dialect) -> Response<Body> {
             grpc::INVALID_ARGUMENT,
             "bad request: dot segment in path",
         ),
+        ProxyError::BadRequest(why) => {
+            let message = format!("bad request: {why}");
+            let (status, code) = (StatusCode::BAD_REQUEST, grpc::INVALID_ARGUMENT);
+            return synthesize(status, code, &message, None, HeaderMap::new(), dialect);
+        }
         ProxyError::Timeout => (
             StatusCode::GATEWAY_TIMEOUT,
             grpc::DEADLINE_EXCEEDED,

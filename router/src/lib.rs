@@ -13,7 +13,10 @@
 //!
 //! `/*` matches every path. Parameters always span a whole segment. Paths are matched
 //! as given: no percent-decoding, no dot-segment removal, and the caller passes the URI
-//! path without its query string.
+//! path without its query string. The gateway first brings every request path to one
+//! normal form with [`path::normalize`] (unreserved escapes decoded, `//` collapsed, dot
+//! segments refused) and forwards that same form, so a route and its upstream never read
+//! two spellings of one path differently.
 //!
 //! A method of `""` or `"*"` means any method; methods compare case-insensitively. A host
 //! of `""` means any host; otherwise it is one name, or a template with `{name}` (one DNS
@@ -63,6 +66,7 @@
 
 mod inflight;
 mod mux;
+pub mod path;
 mod pattern;
 
 use std::future::Future;
@@ -86,7 +90,7 @@ pub enum RouteError {
         reason: String,
     },
     /// A `{name:regex}` constraint does not compile.
-    #[error("invalid regex in route pattern {pattern:?}: {source}")]
+    #[error("invalid regex in route pattern {pattern:?}: {}", regex_summary(.source))]
     InvalidRegex {
         /// The pattern as given.
         pattern: String,
@@ -112,6 +116,19 @@ pub enum RouteError {
         /// The underlying routing-tree error.
         reason: String,
     },
+}
+
+/// The one-line gist of a regex error (the regex crate's syntax errors are a multi-line
+/// diagram whose last `error: ` line says what is wrong).
+fn regex_summary(err: &regex::Error) -> String {
+    let text = err.to_string();
+    text.lines()
+        .rev()
+        .find_map(|line| line.trim().strip_prefix("error: "))
+        .or_else(|| text.lines().rev().find(|line| !line.trim().is_empty()))
+        .unwrap_or("invalid regex")
+        .trim()
+        .to_owned()
 }
 
 /// The outcome of a lookup.
