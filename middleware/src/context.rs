@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use selector::{Node, NodeFilter};
 
@@ -77,6 +77,10 @@ pub struct RequestOptions {
     pub backend: Arc<BackendSlot>,
     /// The client's certificate, on an HTTPS listener that verifies them (`--tls-client-ca`).
     pub client_certificate: Option<Arc<ClientCertificate>>,
+    /// The authenticated client's id, set once by the middleware that let the request in
+    /// (`auth`: the OAuth token's `client_id`, a JWT's `client_id`/`azp`/`sub`), for the
+    /// middlewares around it (`analytics`). Shared by every attempt of the request.
+    pub client_id: Arc<OnceLock<String>>,
 }
 
 /// The certificate a client presented on an HTTPS listener with client authentication,
@@ -101,6 +105,7 @@ impl RequestOptions {
             tried: Vec::new(),
             backend: Arc::new(BackendSlot::default()),
             client_certificate: None,
+            client_id: Arc::default(),
         }
     }
 

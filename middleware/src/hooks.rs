@@ -236,6 +236,98 @@ where
     }
 }
 
+/// How an observed body ended (see [`observe`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BodyEnd {
+    /// Every frame was read.
+    Complete,
+    /// The body failed with an error.
+    Error,
+    /// The body was dropped before its end (the reader went away).
+    Dropped,
+}
+
+/// Passes `body` on unchanged while `on_data` sees each data chunk as it is polled and
+/// `on_end` is called once, when the body ends, fails or is dropped (a body that was
+/// already at its end when dropped counts as [`BodyEnd::Complete`]). Nothing is buffered;
+/// the size hint is kept. Counting bytes of a streamed body and acting at its end is one
+/// call of this, not one more hand-written `poll_frame`.
+pub fn observe<D, E>(body: Body, on_data: D, on_end: E) -> Body
+where
+    D: FnMut(&Bytes) + Send + 'static,
+    E: FnOnce(BodyEnd) + Send + 'static,
+{
+    Observed {
+        inner: body,
+        on_data,
+        on_end: Some(on_end),
+    }
+    .boxed_unsync()
+}
+
+pin_project_lite::pin_project! {
+    struct Observed<D, E: FnOnce(BodyEnd)> {
+        #[pin]
+        inner: Body,
+        on_data: D,
+        on_end: Option<E>,
+    }
+
+    impl<D, E: FnOnce(BodyEnd)> PinnedDrop for Observed<D, E> {
+        fn drop(this: Pin<&mut Self>) {
+            let this = this.project();
+            if let Some(on_end) = this.on_end.take() {
+                on_end(if this.inner.is_end_stream() {
+                    BodyEnd::Complete
+                } else {
+                    BodyEnd::Dropped
+                });
+            }
+        }
+    }
+}
+
+impl<D, E> HttpBody for Observed<D, E>
+where
+    D: FnMut(&Bytes),
+    E: FnOnce(BodyEnd),
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.project();
+        let polled = ready!(this.inner.poll_frame(cx));
+        let end = match &polled {
+            Some(Ok(frame)) => {
+                if let Some(data) = frame.data_ref() {
+                    (this.on_data)(data);
+                }
+                None
+            }
+            Some(Err(_)) => Some(BodyEnd::Error),
+            None => Some(BodyEnd::Complete),
+        };
+        if let Some(end) = end
+            && let Some(on_end) = this.on_end.take()
+        {
+            on_end(end);
+        }
+        Poll::Ready(polled)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
 /// Buffers `body` (at most `limit` bytes) and yields `transform(all bytes)` as one chunk,
 /// followed by the body's trailers. The body is read only when the result is polled; a
 /// body longer than `limit` ends the result with a [`BodyTooLarge`] error.
@@ -679,6 +771,72 @@ mod tests {
         assert_eq!(
             *log.lock().expect("lock"),
             ["pre a", "post_err a connection refused"]
+        );
+    }
+
+    #[tokio::test]
+    async fn observe_counts_chunks_and_reports_the_end_once() {
+        let (tx, body) = channel_body();
+        let seen = Arc::new(Mutex::new((0usize, Vec::new())));
+        let (data_seen, end_seen) = (seen.clone(), seen.clone());
+        let mut body = observe(
+            body,
+            move |chunk| data_seen.lock().expect("lock").0 += chunk.len(),
+            move |end| end_seen.lock().expect("lock").1.push(end),
+        );
+        tx.send(Ok(Frame::data(Bytes::from("abc"))))
+            .await
+            .expect("send");
+        let first = body.frame().await.expect("frame").expect("ok");
+        assert_eq!(first.into_data().expect("data"), "abc");
+        assert_eq!(seen.lock().expect("lock").0, 3);
+        assert!(seen.lock().expect("lock").1.is_empty());
+        tx.send(Ok(Frame::data(Bytes::from("de"))))
+            .await
+            .expect("send");
+        drop(tx);
+        assert!(body.frame().await.is_some());
+        assert!(body.frame().await.is_none());
+        drop(body);
+        assert_eq!(*seen.lock().expect("lock"), (5, vec![BodyEnd::Complete]));
+
+        // Dropped in the middle: reported as such.
+        let (tx, body) = channel_body();
+        let ends = Arc::new(Mutex::new(Vec::new()));
+        let end_seen = ends.clone();
+        let mut body = observe(
+            body,
+            |_| {},
+            move |end| end_seen.lock().expect("lock").push(end),
+        );
+        tx.send(Ok(Frame::data(Bytes::from("x"))))
+            .await
+            .expect("send");
+        assert!(body.frame().await.is_some());
+        drop(body);
+        assert_eq!(*ends.lock().expect("lock"), [BodyEnd::Dropped]);
+
+        // An error ends it; an empty body dropped unpolled is complete.
+        let (tx, body) = channel_body();
+        let ends = Arc::new(Mutex::new(Vec::new()));
+        let end_seen = ends.clone();
+        let mut body = observe(
+            body,
+            |_| {},
+            move |end| end_seen.lock().expect("lock").push(end),
+        );
+        tx.send(Err("reset".into())).await.expect("send");
+        assert!(body.frame().await.expect("frame").is_err());
+        drop(body);
+        let end_seen = ends.clone();
+        drop(observe(
+            crate::empty_body(),
+            |_| {},
+            move |end| end_seen.lock().expect("lock").push(end),
+        ));
+        assert_eq!(
+            *ends.lock().expect("lock"),
+            [BodyEnd::Error, BodyEnd::Complete]
         );
     }
 

@@ -43,8 +43,8 @@ pub fn register_all(registry: &mut Registry, clients: client::Factory) {
     registry.register("bbr", bbr::factory);
     registry.register("validation", validation::factory);
     registry.register("transform", transform::factory);
-    registry.register("circuitbreaker", circuitbreaker::factory(clients));
+    registry.register("circuitbreaker", circuitbreaker::factory(clients.clone()));
     registry.register("ipfilter", ipfilter::factory);
-    registry.register("auth", auth::factory);
+    registry.register("auth", auth::factory(clients));
     registry.register("cache", cache::factory);
 }
