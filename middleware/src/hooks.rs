@@ -9,8 +9,9 @@
 //!
 //! Body hooks transform a body without the filter having to poll it: [`map_chunks`]
 //! rewrites each chunk as it streams (nothing is buffered), [`accumulate`] buffers the
-//! whole body up to a limit and transforms it once. Bodies a filter does not touch are
-//! passed on as they are.
+//! whole body up to a limit and transforms it once, [`observe`] watches the chunks and the
+//! end of a body without changing it. Bodies a filter does not touch are passed on as they
+//! are.
 
 use std::collections::VecDeque;
 use std::future::Future;
@@ -247,37 +248,44 @@ pub enum BodyEnd {
     Dropped,
 }
 
-/// Passes `body` on unchanged while `on_data` sees each data chunk as it is polled and
-/// `on_end` is called once, when the body ends, fails or is dropped (a body that was
-/// already at its end when dropped counts as [`BodyEnd::Complete`]). Nothing is buffered;
-/// the size hint is kept. Counting bytes of a streamed body and acting at its end is one
-/// call of this, not one more hand-written `poll_frame`.
-pub fn observe<D, E>(body: Body, on_data: D, on_end: E) -> Body
-where
-    D: FnMut(&Bytes) + Send + 'static,
-    E: FnOnce(BodyEnd) + Send + 'static,
-{
+/// What [`observe`] reports to: each data chunk as it passes, then the end, once.
+pub trait BodyObserver: Send + 'static {
+    /// Sees a data chunk as it is polled (default: nothing).
+    fn data(&mut self, chunk: &Bytes) {
+        let _ = chunk;
+    }
+
+    /// Called once, when the body ends, fails or is dropped.
+    fn end(self, end: BodyEnd)
+    where
+        Self: Sized;
+}
+
+/// Passes `body` on unchanged while `observer` sees each data chunk as it is polled and
+/// the end, once, when the body ends, fails or is dropped (a body that was already at its
+/// end when dropped counts as [`BodyEnd::Complete`]). Nothing is buffered; the size hint
+/// is kept. Counting the bytes of a streamed body and acting at its end is one call of
+/// this, not one more hand-written `poll_frame`.
+pub fn observe(body: Body, observer: impl BodyObserver) -> Body {
     Observed {
         inner: body,
-        on_data,
-        on_end: Some(on_end),
+        observer: Some(observer),
     }
     .boxed_unsync()
 }
 
 pin_project_lite::pin_project! {
-    struct Observed<D, E: FnOnce(BodyEnd)> {
+    struct Observed<O: BodyObserver> {
         #[pin]
         inner: Body,
-        on_data: D,
-        on_end: Option<E>,
+        observer: Option<O>,
     }
 
-    impl<D, E: FnOnce(BodyEnd)> PinnedDrop for Observed<D, E> {
+    impl<O: BodyObserver> PinnedDrop for Observed<O> {
         fn drop(this: Pin<&mut Self>) {
             let this = this.project();
-            if let Some(on_end) = this.on_end.take() {
-                on_end(if this.inner.is_end_stream() {
+            if let Some(observer) = this.observer.take() {
+                observer.end(if this.inner.is_end_stream() {
                     BodyEnd::Complete
                 } else {
                     BodyEnd::Dropped
@@ -287,11 +295,7 @@ pin_project_lite::pin_project! {
     }
 }
 
-impl<D, E> HttpBody for Observed<D, E>
-where
-    D: FnMut(&Bytes),
-    E: FnOnce(BodyEnd),
-{
+impl<O: BodyObserver> HttpBody for Observed<O> {
     type Data = Bytes;
     type Error = BoxError;
 
@@ -303,8 +307,8 @@ where
         let polled = ready!(this.inner.poll_frame(cx));
         let end = match &polled {
             Some(Ok(frame)) => {
-                if let Some(data) = frame.data_ref() {
-                    (this.on_data)(data);
+                if let (Some(data), Some(observer)) = (frame.data_ref(), this.observer.as_mut()) {
+                    observer.data(data);
                 }
                 None
             }
@@ -312,9 +316,9 @@ where
             None => Some(BodyEnd::Complete),
         };
         if let Some(end) = end
-            && let Some(on_end) = this.on_end.take()
+            && let Some(observer) = this.observer.take()
         {
-            on_end(end);
+            observer.end(end);
         }
         Poll::Ready(polled)
     }
@@ -774,23 +778,37 @@ mod tests {
         );
     }
 
+    /// Counts data bytes and records how the body ended, in a shared log.
+    struct Seen {
+        bytes: usize,
+        log: Arc<Mutex<Vec<(usize, BodyEnd)>>>,
+    }
+
+    impl BodyObserver for Seen {
+        fn data(&mut self, chunk: &Bytes) {
+            self.bytes += chunk.len();
+        }
+
+        fn end(self, end: BodyEnd) {
+            self.log.lock().expect("lock").push((self.bytes, end));
+        }
+    }
+
     #[tokio::test]
     async fn observe_counts_chunks_and_reports_the_end_once() {
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let seen = || Seen {
+            bytes: 0,
+            log: log.clone(),
+        };
         let (tx, body) = channel_body();
-        let seen = Arc::new(Mutex::new((0usize, Vec::new())));
-        let (data_seen, end_seen) = (seen.clone(), seen.clone());
-        let mut body = observe(
-            body,
-            move |chunk| data_seen.lock().expect("lock").0 += chunk.len(),
-            move |end| end_seen.lock().expect("lock").1.push(end),
-        );
+        let mut body = observe(body, seen());
         tx.send(Ok(Frame::data(Bytes::from("abc"))))
             .await
             .expect("send");
         let first = body.frame().await.expect("frame").expect("ok");
         assert_eq!(first.into_data().expect("data"), "abc");
-        assert_eq!(seen.lock().expect("lock").0, 3);
-        assert!(seen.lock().expect("lock").1.is_empty());
+        assert!(log.lock().expect("lock").is_empty(), "not ended yet");
         tx.send(Ok(Frame::data(Bytes::from("de"))))
             .await
             .expect("send");
@@ -798,45 +816,29 @@ mod tests {
         assert!(body.frame().await.is_some());
         assert!(body.frame().await.is_none());
         drop(body);
-        assert_eq!(*seen.lock().expect("lock"), (5, vec![BodyEnd::Complete]));
+        assert_eq!(*log.lock().expect("lock"), [(5, BodyEnd::Complete)]);
 
-        // Dropped in the middle: reported as such.
+        // Dropped in the middle, failed, and empty bodies dropped unpolled.
         let (tx, body) = channel_body();
-        let ends = Arc::new(Mutex::new(Vec::new()));
-        let end_seen = ends.clone();
-        let mut body = observe(
-            body,
-            |_| {},
-            move |end| end_seen.lock().expect("lock").push(end),
-        );
+        let mut body = observe(body, seen());
         tx.send(Ok(Frame::data(Bytes::from("x"))))
             .await
             .expect("send");
         assert!(body.frame().await.is_some());
         drop(body);
-        assert_eq!(*ends.lock().expect("lock"), [BodyEnd::Dropped]);
-
-        // An error ends it; an empty body dropped unpolled is complete.
         let (tx, body) = channel_body();
-        let ends = Arc::new(Mutex::new(Vec::new()));
-        let end_seen = ends.clone();
-        let mut body = observe(
-            body,
-            |_| {},
-            move |end| end_seen.lock().expect("lock").push(end),
-        );
+        let mut body = observe(body, seen());
         tx.send(Err("reset".into())).await.expect("send");
         assert!(body.frame().await.expect("frame").is_err());
         drop(body);
-        let end_seen = ends.clone();
-        drop(observe(
-            crate::empty_body(),
-            |_| {},
-            move |end| end_seen.lock().expect("lock").push(end),
-        ));
+        drop(observe(crate::empty_body(), seen()));
         assert_eq!(
-            *ends.lock().expect("lock"),
-            [BodyEnd::Error, BodyEnd::Complete]
+            log.lock().expect("lock")[1..],
+            [
+                (1, BodyEnd::Dropped),
+                (0, BodyEnd::Error),
+                (0, BodyEnd::Complete)
+            ]
         );
     }
 

@@ -18,6 +18,7 @@
 //! it with the denial counter of its [`BuildContext`](middleware::BuildContext) (the proxy's
 //! `gateway_middleware_denied_total`).
 
+pub mod analytics;
 pub mod auth;
 pub mod bbr;
 pub mod cache;
@@ -45,6 +46,7 @@ pub fn register_all(registry: &mut Registry, clients: client::Factory) {
     registry.register("transform", transform::factory);
     registry.register("circuitbreaker", circuitbreaker::factory(clients.clone()));
     registry.register("ipfilter", ipfilter::factory);
-    registry.register("auth", auth::factory(clients));
+    registry.register("auth", auth::factory(clients.clone()));
     registry.register("cache", cache::factory);
+    registry.register("analytics", analytics::AnalyticsFactory::new(clients));
 }
