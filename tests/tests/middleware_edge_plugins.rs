@@ -419,3 +419,377 @@ async fn oauth_refusals_on_grpc_endpoints_are_grpc_statuses() {
     );
     assert_eq!(upstream.hits(), 0);
 }
+
+/// A throwaway HS256 token signed with `e2e-secret` (sub "alice", valid until 2100).
+const ALICE_TOKEN: &str = "eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9.eyJzdWIiOiJhbGljZSIsImV4cCI6NDEwMjQ0NDgwMH0.asZuY3aOwKBPdZ4tuP2w_g1QhCiFsmeQcmVQnk9RRXI";
+
+/// An analytics collector double: keeps every batch POSTed to `/collect` (a JSON array)
+/// and answers 204.
+struct Collector {
+    server: Upstream,
+    batches: Arc<Mutex<Vec<Vec<Value>>>>,
+}
+
+impl Collector {
+    async fn start() -> Collector {
+        let batches = Arc::new(Mutex::new(Vec::new()));
+        let kept = batches.clone();
+        let server = Upstream::start(move |request: Request<Incoming>| {
+            let kept = kept.clone();
+            async move {
+                let json = request.method() == "POST"
+                    && request.uri().path() == "/collect"
+                    && request
+                        .headers()
+                        .get("content-type")
+                        .is_some_and(|value| value == "application/json");
+                let body = request
+                    .into_body()
+                    .collect()
+                    .await
+                    .map(|body| body.to_bytes())
+                    .unwrap_or_default();
+                match serde_json::from_slice::<Vec<Value>>(&body) {
+                    Ok(batch) if json => {
+                        kept.lock().expect("lock").push(batch);
+                        Response::builder()
+                            .status(204)
+                            .body(text(""))
+                            .expect("response")
+                    }
+                    _ => Response::builder()
+                        .status(400)
+                        .body(text("want a JSON array"))
+                        .expect("response"),
+                }
+            }
+        })
+        .await;
+        Collector { server, batches }
+    }
+
+    fn url(&self) -> String {
+        format!("http://{}/collect", self.server.addr)
+    }
+
+    fn records(&self) -> Vec<Value> {
+        self.batches.lock().expect("lock").concat()
+    }
+}
+
+/// An upstream answering `ok` (length known), or for `/api/stream` three streamed
+/// chunks of 1000 bytes (no length), after reading the whole request body.
+async fn analytics_upstream() -> Upstream {
+    Upstream::start(|request: Request<Incoming>| async move {
+        let streamed = request.uri().path() == "/api/stream";
+        let _ = request.into_body().collect().await;
+        if !streamed {
+            return Response::new(text("ok"));
+        }
+        let chunks = futures_util::stream::iter(
+            (0..3).map(|_| Ok(hyper::body::Frame::data(Bytes::from(vec![b'x'; 1000])))),
+        );
+        Response::new(http_body_util::StreamBody::new(chunks).boxed_unsync())
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn analytics_batches_reach_the_collector_with_the_right_fields() {
+    let collector = Collector::start().await;
+    let upstream = analytics_upstream().await;
+    let analytics = middleware(
+        "analytics",
+        &format!(
+            "{{url: \"{}\", batchSize: 5, flushInterval: 200ms}}",
+            collector.url()
+        ),
+    );
+    let jwt = middleware("auth", "{jwt: {secret: e2e-secret}}");
+    let gw = TestGateway::start(&gateway(&[
+        endpoint("/api/*", &upstream.target(), &middlewares(&analytics)),
+        endpoint(
+            "/jwt/*",
+            &upstream.target(),
+            &middlewares(&format!("{analytics}{jwt}")),
+        ),
+    ]))
+    .await;
+
+    for index in 0..10 {
+        let reply = get_with(&gw.url(&format!("/api/item/{index}?apikey=secret")), &[]).await;
+        assert_eq!((reply.status, reply.body.as_str()), (200, "ok"));
+    }
+    // A streamed upload (7 bytes in two chunks, no length) and a streamed download.
+    let chunks = futures_util::stream::iter(["abc", "defg"].map(|chunk| {
+        Ok::<_, std::convert::Infallible>(hyper::body::Frame::data(Bytes::from(chunk)))
+    }));
+    let upload = Request::post(gw.url("/api/upload"))
+        .body(http_body_util::StreamBody::new(chunks))
+        .expect("request");
+    let uploaded = Client::builder(TokioExecutor::new())
+        .build_http()
+        .request(upload)
+        .await
+        .expect("upload answered");
+    assert_eq!(uploaded.status(), 200);
+    let _ = uploaded.into_body().collect().await;
+    let download = get_with(&gw.url("/api/stream"), &[]).await;
+    assert_eq!((download.status, download.body.len()), (200, 3000));
+    // Through auth: the client id is the token's subject; a refusal is recorded too.
+    let alice = get_with(
+        &gw.url("/jwt/me"),
+        &[("authorization", bearer(ALICE_TOKEN).as_str())],
+    )
+    .await;
+    assert_eq!(alice.status, 200);
+    assert_eq!(get_with(&gw.url("/jwt/me"), &[]).await.status, 401);
+
+    assert_eventually!(
+        Duration::from_secs(10),
+        "14 records at the collector",
+        || async { expect_eq(collector.records().len(), 14) }
+    );
+    let batches = collector.batches.lock().expect("lock").clone();
+    assert!(
+        batches
+            .iter()
+            .all(|batch| !batch.is_empty() && batch.len() <= 5),
+        "batches of at most 5: {batches:?}"
+    );
+    assert!(
+        batches.len() >= 3,
+        "14 records need 3 batches or more: {batches:?}"
+    );
+
+    let records = collector.records();
+    let find = |path: &str| -> Value {
+        records
+            .iter()
+            .find(|record| record["path"] == path)
+            .cloned()
+            .unwrap_or_else(|| panic!("no record for {path}: {records:?}"))
+    };
+    let mut keys: Vec<String> = find("/api/item/0")
+        .as_object()
+        .expect("an object")
+        .keys()
+        .cloned()
+        .collect();
+    keys.sort_unstable();
+    assert_eq!(
+        keys,
+        [
+            "client",
+            "endpoint",
+            "latency_ms",
+            "method",
+            "node",
+            "path",
+            "rx_bytes",
+            "status",
+            "time",
+            "tx_bytes"
+        ]
+    );
+    for index in 0..10 {
+        let record = find(&format!("/api/item/{index}"));
+        assert_eq!(record["endpoint"], "/api/*");
+        assert_eq!(record["method"], "GET");
+        assert_eq!(record["node"], upstream.target());
+        assert_eq!(record["status"], 200);
+        assert_eq!(record["rx_bytes"], 0);
+        assert_eq!(record["tx_bytes"], 2);
+        assert_eq!(record["client"], "127.0.0.1");
+        assert!(
+            record["latency_ms"].as_f64().is_some_and(|ms| ms >= 0.0),
+            "{record}"
+        );
+        let time = record["time"].as_str().expect("time");
+        assert!(
+            time.len() == 24 && time.ends_with('Z') && time.as_bytes()[10] == b'T',
+            "RFC 3339 UTC with milliseconds: {time}"
+        );
+    }
+    let upload = find("/api/upload");
+    assert_eq!(
+        (upload["method"].as_str(), upload["rx_bytes"].as_u64()),
+        (Some("POST"), Some(7))
+    );
+    assert_eq!(find("/api/stream")["tx_bytes"], 3000);
+    let jwt_records: Vec<&Value> = records
+        .iter()
+        .filter(|record| record["path"] == "/jwt/me")
+        .collect();
+    assert_eq!(jwt_records.len(), 2);
+    let accepted = jwt_records
+        .iter()
+        .find(|record| record["status"] == 200)
+        .expect("the accepted one");
+    assert_eq!(
+        (accepted["client"].as_str(), accepted["endpoint"].as_str()),
+        (Some("alice"), Some("/jwt/*"))
+    );
+    let refused = jwt_records
+        .iter()
+        .find(|record| record["status"] == 401)
+        .expect("the refused one");
+    assert_eq!(refused["client"], "127.0.0.1");
+    assert_eq!(
+        refused["node"],
+        Value::Null,
+        "refused before a node was picked"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn analytics_file_sink_writes_json_lines() {
+    let upstream = analytics_upstream().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("analytics.jsonl");
+    let analytics = middleware(
+        "analytics",
+        &format!("{{file: \"{}\", flushInterval: 100ms}}", file.display()),
+    );
+    let gw = TestGateway::start(&gateway(&[endpoint(
+        "/api/*",
+        &upstream.target(),
+        &middlewares(&analytics),
+    )]))
+    .await;
+    for index in 0..3 {
+        let reply = get_with(&gw.url(&format!("/api/{index}")), &[]).await;
+        assert_eq!(reply.status, 200);
+    }
+    assert_eq!(get_with(&gw.url("/api/stream"), &[]).await.body.len(), 3000);
+    assert_eventually!(Duration::from_secs(10), "4 lines in the file", || async {
+        let text = std::fs::read_to_string(&file).unwrap_or_default();
+        expect_eq(text.lines().count(), 4)
+    });
+    let text = std::fs::read_to_string(&file).expect("file");
+    assert!(text.ends_with('\n'));
+    let records: Vec<Value> = text
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap_or_else(|err| panic!("{line:?}: {err}")))
+        .collect();
+    for record in &records {
+        assert_eq!(record["endpoint"], "/api/*");
+        assert_eq!(record["status"], 200);
+        assert_eq!(record["node"], upstream.target());
+    }
+    let streamed = records
+        .iter()
+        .find(|record| record["path"] == "/api/stream")
+        .expect("the streamed download's record");
+    assert_eq!(streamed["tx_bytes"], 3000);
+}
+
+/// The collector down (connection refused) on one endpoint and silent (accepts, never
+/// answers) on another, under 5,000 requests: every request succeeds, the queue never
+/// holds more than `queueSize`, and every record is accounted for as dropped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn analytics_with_the_collector_down_drops_and_counts_without_blocking() {
+    const REQUESTS: usize = 5_000;
+    let upstream = analytics_upstream().await;
+    let silent = Upstream::start(|_request: Request<Incoming>| async {
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        Response::new(text(""))
+    })
+    .await;
+    let clients = client::Factory::new(client::ClientOptions::default(), None);
+    let analytics = middleware_builtin::analytics::AnalyticsFactory::new(clients.clone());
+    let mut registry = middleware::Registry::new();
+    registry.register("analytics", analytics.clone());
+    let metrics = Arc::new(proxy::Metrics::new());
+    let proxy = proxy::Proxy::new(clients, registry, metrics.clone());
+    let options = |url: &str| {
+        middlewares(&middleware(
+            "analytics",
+            &format!(
+                "{{url: \"{url}\", batchSize: 50, queueSize: 100, flushInterval: 50ms, timeout: 300ms}}"
+            ),
+        ))
+    };
+    let down = format!("http://127.0.0.1:{}/collect", unused_port());
+    let silent_url = format!("http://{}/collect", silent.addr);
+    proxy
+        .update(&tests::embedded::parse(&gateway(&[
+            endpoint("/down", &upstream.target(), &options(&down)),
+            endpoint("/silent", &upstream.target(), &options(&silent_url)),
+        ])))
+        .expect("config applies");
+
+    let peer: std::net::SocketAddr = "127.0.0.1:40000".parse().expect("addr");
+    let mut statuses = HashMap::<u16, usize>::new();
+    for wave in 0..REQUESTS / 100 {
+        let calls = (0..100).map(|index| {
+            let path = if (wave * 100 + index) % 2 == 0 {
+                "/down"
+            } else {
+                "/silent"
+            };
+            let proxy = &proxy;
+            async move {
+                let request = Request::get(path)
+                    .body(Full::<Bytes>::default())
+                    .expect("request");
+                let response = proxy.handle(request, peer).await;
+                let status = response.status().as_u16();
+                let _ = response.into_body().collect().await;
+                status
+            }
+        });
+        let answered = tokio::time::timeout(
+            Duration::from_secs(30),
+            futures_util::future::join_all(calls),
+        )
+        .await
+        .expect("a wave of 100 requests within 30 s: analytics never holds them up");
+        for status in answered {
+            *statuses.entry(status).or_default() += 1;
+        }
+        for sink in analytics.snapshots() {
+            assert!(
+                sink.queued <= sink.queue_size && sink.queued_max <= sink.queue_size,
+                "queue bound respected: {sink:?}"
+            );
+        }
+    }
+    assert_eq!(statuses, HashMap::from([(200, REQUESTS)]));
+
+    // Every record ends up dropped and counted: none shipped, none lost silently.
+    assert_eventually!(
+        Duration::from_secs(20),
+        "all records dropped and counted",
+        || async {
+            let mut sinks = analytics.snapshots();
+            sinks.sort_by(|a, b| a.destination.cmp(&b.destination));
+            let counts: Vec<(u64, u64, usize)> = sinks
+                .iter()
+                .map(|sink| (sink.dropped, sink.shipped, sink.queued))
+                .collect();
+            expect_eq(counts, vec![(2_500, 0, 0), (2_500, 0, 0)])
+        }
+    );
+    for sink in analytics.snapshots() {
+        assert_eq!(sink.queue_size, 100);
+        assert!(sink.queued_max <= 100, "{sink:?}");
+    }
+    let silent_sink = analytics
+        .snapshots()
+        .into_iter()
+        .find(|sink| sink.destination == silent_url)
+        .expect("the silent collector's sink");
+    assert_eq!(
+        silent_sink.queued_max, 100,
+        "the queue filled up to its bound and no further"
+    );
+    let page = metrics.encode();
+    for path in ["/down", "/silent"] {
+        assert_eq!(
+            metrics::value(&page, &metrics::denied("analytics", path, "record_dropped")),
+            Some(2_500.0),
+            "{page}"
+        );
+    }
+}

@@ -7,7 +7,6 @@ use std::time::{Duration, SystemTime};
 use http::Method;
 use serde::Serialize;
 use time::OffsetDateTime;
-use time::format_description::well_known::Rfc3339;
 
 use crate::support::Denied;
 use middleware::EndpointInfo;
@@ -91,13 +90,20 @@ impl Record {
     }
 }
 
-/// `2026-12-01T14:09:36.123Z` (UTC, milliseconds).
+/// `2026-12-01T14:09:36.120Z`: RFC 3339, UTC, always three fraction digits (the `time`
+/// crate's `Rfc3339` drops trailing zeros, which makes the field's width vary).
 fn rfc3339(time: SystemTime) -> String {
     let time = OffsetDateTime::from(time);
-    let millis = time
-        .replace_nanosecond(time.millisecond() as u32 * 1_000_000)
-        .unwrap_or(time);
-    millis.format(&Rfc3339).unwrap_or_default()
+    format!(
+        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:03}Z",
+        time.year(),
+        u8::from(time.month()),
+        time.day(),
+        time.hour(),
+        time.minute(),
+        time.second(),
+        time.millisecond()
+    )
 }
 
 #[cfg(test)]
@@ -107,7 +113,7 @@ mod tests {
     #[test]
     fn records_are_json_objects_with_the_documented_fields() {
         let record = Record {
-            time: SystemTime::UNIX_EPOCH + Duration::from_millis(1_764_598_176_123),
+            time: SystemTime::UNIX_EPOCH + Duration::from_millis(1_764_598_176_120),
             endpoint: Arc::new(EndpointInfo {
                 path: "/api/*".into(),
                 ..Default::default()
@@ -128,7 +134,7 @@ mod tests {
         assert_eq!(
             value,
             serde_json::json!({
-                "time": "2025-12-01T14:09:36.123Z",
+                "time": "2025-12-01T14:09:36.120Z",
                 "endpoint": "/api/*",
                 "method": "POST",
                 "path": "/api/orders",
