@@ -175,6 +175,9 @@ async fn a_full_queue_drops_and_counts_streamed_bytes_are_counted() {
         assert!(record["latency_ms"].as_f64().is_some_and(|ms| ms >= 0.0));
         assert!(record["time"].as_str().is_some_and(|t| t.ends_with('Z')));
     }
+    if let Some(dir) = path.parent() {
+        let _ = std::fs::remove_dir_all(dir);
+    }
 }
 
 #[tokio::test]
@@ -219,4 +222,8 @@ async fn equal_options_share_one_sink_and_it_ends_with_its_middlewares() {
         Some(1),
         "recorded when the response body goes"
     );
+    drop(tripper);
+    if let Some(dir) = path.parent() {
+        let _ = std::fs::remove_dir_all(dir);
+    }
 }
