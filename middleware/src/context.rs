@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use selector::{Node, NodeFilter};
 
@@ -79,6 +79,10 @@ pub struct RequestOptions {
     pub client_certificate: Option<Arc<ClientCertificate>>,
     /// State shared by every attempt of this request, and what runs when it finishes.
     pub scope: Arc<RequestScope>,
+    /// The authenticated client's id, set once by the middleware that let the request in
+    /// (`auth`: the OAuth token's `client_id`, a JWT's `client_id`/`azp`/`sub`), for the
+    /// middlewares around it (`analytics`). Shared by every attempt of the request.
+    pub client_id: Arc<OnceLock<String>>,
 }
 
 /// What one request's attempts share: the middleware chain runs once per attempt, so a
@@ -162,6 +166,7 @@ impl RequestOptions {
             backend: Arc::new(BackendSlot::default()),
             client_certificate: None,
             scope: Arc::new(RequestScope::default()),
+            client_id: Arc::default(),
         }
     }
 

@@ -9,8 +9,9 @@
 //!
 //! Body hooks transform a body without the filter having to poll it: [`map_chunks`]
 //! rewrites each chunk as it streams (nothing is buffered), [`accumulate`] buffers the
-//! whole body up to a limit and transforms it once. Bodies a filter does not touch are
-//! passed on as they are.
+//! whole body up to a limit and transforms it once, [`observe`] watches the chunks and the
+//! end of a body without changing it. Bodies a filter does not touch are passed on as they
+//! are.
 
 use std::collections::VecDeque;
 use std::future::Future;
@@ -233,6 +234,101 @@ where
 
     fn size_hint(&self) -> SizeHint {
         SizeHint::default()
+    }
+}
+
+/// How an observed body ended (see [`observe`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BodyEnd {
+    /// Every frame was read.
+    Complete,
+    /// The body failed with an error.
+    Error,
+    /// The body was dropped before its end (the reader went away).
+    Dropped,
+}
+
+/// What [`observe`] reports to: each data chunk as it passes, then the end, once.
+pub trait BodyObserver: Send + 'static {
+    /// Sees a data chunk as it is polled (default: nothing).
+    fn data(&mut self, chunk: &Bytes) {
+        let _ = chunk;
+    }
+
+    /// Called once, when the body ends, fails or is dropped.
+    fn end(self, end: BodyEnd)
+    where
+        Self: Sized;
+}
+
+/// Passes `body` on unchanged while `observer` sees each data chunk as it is polled and
+/// the end, once, when the body ends, fails or is dropped (a body that was already at its
+/// end when dropped counts as [`BodyEnd::Complete`]). Nothing is buffered; the size hint
+/// is kept. Counting the bytes of a streamed body and acting at its end is one call of
+/// this, not one more hand-written `poll_frame`.
+pub fn observe(body: Body, observer: impl BodyObserver) -> Body {
+    Observed {
+        inner: body,
+        observer: Some(observer),
+    }
+    .boxed_unsync()
+}
+
+pin_project_lite::pin_project! {
+    struct Observed<O: BodyObserver> {
+        #[pin]
+        inner: Body,
+        observer: Option<O>,
+    }
+
+    impl<O: BodyObserver> PinnedDrop for Observed<O> {
+        fn drop(this: Pin<&mut Self>) {
+            let this = this.project();
+            if let Some(observer) = this.observer.take() {
+                observer.end(if this.inner.is_end_stream() {
+                    BodyEnd::Complete
+                } else {
+                    BodyEnd::Dropped
+                });
+            }
+        }
+    }
+}
+
+impl<O: BodyObserver> HttpBody for Observed<O> {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.project();
+        let polled = ready!(this.inner.poll_frame(cx));
+        let end = match &polled {
+            Some(Ok(frame)) => {
+                if let (Some(data), Some(observer)) = (frame.data_ref(), this.observer.as_mut()) {
+                    observer.data(data);
+                }
+                None
+            }
+            Some(Err(_)) => Some(BodyEnd::Error),
+            None => Some(BodyEnd::Complete),
+        };
+        if let Some(end) = end
+            && let Some(observer) = this.observer.take()
+        {
+            observer.end(end);
+        }
+        Poll::Ready(polled)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
     }
 }
 
@@ -679,6 +775,70 @@ mod tests {
         assert_eq!(
             *log.lock().expect("lock"),
             ["pre a", "post_err a connection refused"]
+        );
+    }
+
+    /// Counts data bytes and records how the body ended, in a shared log.
+    struct Seen {
+        bytes: usize,
+        log: Arc<Mutex<Vec<(usize, BodyEnd)>>>,
+    }
+
+    impl BodyObserver for Seen {
+        fn data(&mut self, chunk: &Bytes) {
+            self.bytes += chunk.len();
+        }
+
+        fn end(self, end: BodyEnd) {
+            self.log.lock().expect("lock").push((self.bytes, end));
+        }
+    }
+
+    #[tokio::test]
+    async fn observe_counts_chunks_and_reports_the_end_once() {
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let seen = || Seen {
+            bytes: 0,
+            log: log.clone(),
+        };
+        let (tx, body) = channel_body();
+        let mut body = observe(body, seen());
+        tx.send(Ok(Frame::data(Bytes::from("abc"))))
+            .await
+            .expect("send");
+        let first = body.frame().await.expect("frame").expect("ok");
+        assert_eq!(first.into_data().expect("data"), "abc");
+        assert!(log.lock().expect("lock").is_empty(), "not ended yet");
+        tx.send(Ok(Frame::data(Bytes::from("de"))))
+            .await
+            .expect("send");
+        drop(tx);
+        assert!(body.frame().await.is_some());
+        assert!(body.frame().await.is_none());
+        drop(body);
+        assert_eq!(*log.lock().expect("lock"), [(5, BodyEnd::Complete)]);
+
+        // Dropped in the middle, failed, and empty bodies dropped unpolled.
+        let (tx, body) = channel_body();
+        let mut body = observe(body, seen());
+        tx.send(Ok(Frame::data(Bytes::from("x"))))
+            .await
+            .expect("send");
+        assert!(body.frame().await.is_some());
+        drop(body);
+        let (tx, body) = channel_body();
+        let mut body = observe(body, seen());
+        tx.send(Err("reset".into())).await.expect("send");
+        assert!(body.frame().await.expect("frame").is_err());
+        drop(body);
+        drop(observe(crate::empty_body(), seen()));
+        assert_eq!(
+            log.lock().expect("lock")[1..],
+            [
+                (1, BodyEnd::Dropped),
+                (0, BodyEnd::Error),
+                (0, BodyEnd::Complete)
+            ]
         );
     }
 

@@ -38,6 +38,9 @@ pub enum Reason {
     UnsupportedMediaType,
     /// The upstream's answer could not be used (502, `INTERNAL`).
     BadUpstreamResponse,
+    /// A service the middleware needs to decide did not answer in time, e.g. an OAuth
+    /// introspection endpoint (503, `UNAVAILABLE`).
+    Unavailable,
 }
 
 impl Reason {
@@ -47,7 +50,9 @@ impl Reason {
             Reason::RateLimited => StatusCode::TOO_MANY_REQUESTS,
             Reason::Unauthenticated => StatusCode::UNAUTHORIZED,
             Reason::Forbidden => StatusCode::FORBIDDEN,
-            Reason::BreakerOpen | Reason::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
+            Reason::BreakerOpen | Reason::Overloaded | Reason::Unavailable => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             Reason::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Reason::BadRequest => StatusCode::BAD_REQUEST,
             Reason::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,

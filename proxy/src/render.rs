@@ -106,7 +106,7 @@ pub fn rendered(response: Response<Body>, dialect: Dialect) -> Response<Body> {
         Reason::RateLimited | Reason::PayloadTooLarge => grpc::RESOURCE_EXHAUSTED,
         Reason::Unauthenticated => grpc::UNAUTHENTICATED,
         Reason::Forbidden => grpc::PERMISSION_DENIED,
-        Reason::BreakerOpen | Reason::Overloaded => grpc::UNAVAILABLE,
+        Reason::BreakerOpen | Reason::Overloaded | Reason::Unavailable => grpc::UNAVAILABLE,
         Reason::BadRequest | Reason::UnsupportedMediaType => grpc::INVALID_ARGUMENT,
         Reason::BadUpstreamResponse => grpc::INTERNAL,
         _ => grpc::UNKNOWN,

@@ -18,6 +18,7 @@
 //! it with the denial counter of its [`BuildContext`](middleware::BuildContext) (the proxy's
 //! `go_gateway_middleware_denied_total`).
 
+pub mod analytics;
 pub mod auth;
 pub mod bbr;
 pub mod cache;
@@ -45,10 +46,11 @@ pub fn register_all(registry: &mut Registry, clients: client::Factory) {
     registry.register("bbr", bbr::factory);
     registry.register("validation", validation::factory);
     registry.register("transform", transform::factory);
-    registry.register("circuitbreaker", circuitbreaker::factory(clients));
+    registry.register("circuitbreaker", circuitbreaker::factory(clients.clone()));
     registry.register("ipfilter", ipfilter::factory);
-    registry.register("auth", auth::factory);
+    registry.register("auth", auth::factory(clients.clone()));
     registry.register("cache", cache::factory);
     registry.register(transcoder::NAME, transcoder::factory);
     registry.register("tracing", tracing::factory);
+    registry.register("analytics", analytics::AnalyticsFactory::new(clients));
 }

@@ -7,7 +7,8 @@ use serde::Deserialize;
 
 use super::super::support::{duration, one_or_many};
 
-/// Options of `auth`: `jwt`, `apikey`, or both (then either credential lets a request in).
+/// Options of `auth`: `jwt`, `apikey`, `oauth`, or several (then any credential lets a
+/// request in).
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase", default)]
 pub struct AuthOptions {
@@ -16,6 +17,8 @@ pub struct AuthOptions {
     /// API key validation. Default: unset.
     #[serde(alias = "apiKey", alias = "api_key")]
     pub apikey: Option<ApiKeyOptions>,
+    /// OAuth 2.0 bearer tokens checked by token introspection (RFC 7662). Default: unset.
+    pub oauth: Option<OAuthOptions>,
     /// The `realm` named in `WWW-Authenticate` challenges. Default: `gateway`.
     pub realm: String,
 }
@@ -25,6 +28,7 @@ impl Default for AuthOptions {
         Self {
             jwt: None,
             apikey: None,
+            oauth: None,
             realm: "gateway".into(),
         }
     }
@@ -128,6 +132,60 @@ impl Default for ApiKeyOptions {
             header: "X-API-Key".into(),
             query: String::new(),
             strip_credential: true,
+        }
+    }
+}
+
+/// OAuth 2.0 token introspection (RFC 7662): the bearer token is POSTed to
+/// `introspectionUrl` with the gateway's client credentials; active answers are cached.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase", default)]
+pub struct OAuthOptions {
+    /// The authorization server's introspection endpoint, `http(s)://host[:port]/path`.
+    /// Required.
+    #[serde(alias = "introspection_url")]
+    pub introspection_url: String,
+    /// The gateway's client id at the authorization server (HTTP Basic user). Required.
+    #[serde(alias = "client_id")]
+    pub client_id: String,
+    /// The gateway's client secret (HTTP Basic password). Default: empty.
+    #[serde(alias = "client_secret")]
+    pub client_secret: String,
+    /// Scopes the token must all carry on this endpoint, one string or a list.
+    /// Default: none (any active token).
+    #[serde(deserialize_with = "one_or_many")]
+    pub scopes: Vec<String>,
+    /// How long an active answer is reused, at most (never past the token's `exp`);
+    /// `0s` turns the cache off. Default: `60s`.
+    #[serde(alias = "cache_ttl", deserialize_with = "duration")]
+    pub cache_ttl: Duration,
+    /// Most tokens kept in the cache. Default: 10000.
+    #[serde(alias = "cache_size")]
+    pub cache_size: usize,
+    /// Limit on one introspection call (connect, answer and body); past it the request
+    /// gets 503. Default: `2s`.
+    #[serde(deserialize_with = "duration")]
+    pub timeout: Duration,
+    /// Header carrying the token; a `Bearer ` prefix is removed (for `Authorization` it is
+    /// required). Default: `Authorization`.
+    pub header: String,
+    /// Remove the token from the request sent upstream. Default: false.
+    #[serde(alias = "strip_credential")]
+    pub strip_credential: bool,
+}
+
+impl Default for OAuthOptions {
+    fn default() -> Self {
+        Self {
+            introspection_url: String::new(),
+            client_id: String::new(),
+            client_secret: String::new(),
+            scopes: Vec::new(),
+            cache_ttl: Duration::from_secs(60),
+            cache_size: 10_000,
+            timeout: Duration::from_secs(2),
+            header: "Authorization".into(),
+            strip_credential: false,
         }
     }
 }

@@ -9,7 +9,7 @@ use serde_json::{Value, json};
 use tower::ServiceExt;
 
 use super::*;
-use middleware::denials::{Denials, LocalDenials};
+use middleware::denials::LocalDenials;
 use middleware::{BoxError, EndpointInfo, RoundTripper, empty_body};
 
 const RSA_PRIVATE: &str = include_str!("testdata/rsa_private.pem");
@@ -67,8 +67,12 @@ fn try_auth(options: Value) -> Result<Auth, BuildError> {
         required: true,
     };
     let options: AuthOptions = decode(&config)?;
-    let denials = LocalDenials::default();
-    Auth::new(&options, NAME, denials.counter(NAME, "/a", "unauthorized"))
+    let ctx = BuildContext::new(Arc::new(EndpointInfo::default()));
+    Auth::new(&options, NAME, &ctx, &clients())
+}
+
+fn clients() -> client::Factory {
+    client::Factory::new(client::ClientOptions::default(), None)
 }
 
 fn request(uri: &str, headers: &[(&str, &str)]) -> Request<Body> {
@@ -86,8 +90,10 @@ fn bearer(token: &str) -> String {
 /// Runs the filter; `Ok(request as forwarded)` or `Err((status, WWW-Authenticate values))`
 /// for a refusal, which must be an `Unauthenticated` rejection.
 fn run(auth: &Auth, mut request: Request<Body>) -> Result<Request<Body>, (u16, Vec<String>)> {
-    let Err(response) = auth.pre(&mut request) else {
-        return Ok(request);
+    let response = match auth.check(&mut request) {
+        Verdict::Accept => return Ok(request),
+        Verdict::Refuse(response) => response,
+        Verdict::Introspect(_) => panic!("no oauth configured here"),
     };
     assert_eq!(
         Rejection::of(&response).map(|rejection| rejection.reason),
@@ -383,7 +389,8 @@ async fn denials_are_counted() {
         options: json!({"apikey": {"keys": ["k"]}}),
         required: true,
     };
-    let tripper = factory(&config, &ctx)
+    let tripper = factory(clients())
+        .build(&config, &ctx)
         .expect("builds")
         .wrap(RoundTripper::new(tower::service_fn(
             |_request: Request<Body>| async { Ok::<_, BoxError>(Response::new(empty_body())) },
@@ -409,7 +416,34 @@ async fn denials_are_counted() {
 #[test]
 fn bad_options_name_the_field() {
     let cases = [
-        (json!({}), "options.jwt: configure jwt, apikey or both"),
+        (
+            json!({}),
+            "options.jwt: configure jwt, apikey, oauth or several",
+        ),
+        (
+            json!({"oauth": {"clientId": "gw"}}),
+            "options.oauth.introspectionUrl: must be set",
+        ),
+        (
+            json!({"oauth": {"introspectionUrl": "/introspect", "clientId": "gw"}}),
+            "options.oauth.introspectionUrl: must be an absolute http(s):// URL",
+        ),
+        (
+            json!({"oauth": {"introspectionUrl": "ftp://x/introspect", "clientId": "gw"}}),
+            "options.oauth.introspectionUrl: unsupported scheme \"ftp\"",
+        ),
+        (
+            json!({"oauth": {"introspectionUrl": "http://127.0.0.1:1/i"}}),
+            "options.oauth.clientId: must be set",
+        ),
+        (
+            json!({"oauth": {"introspectionUrl": "http://127.0.0.1:1/i", "clientId": "gw", "scopes": ["a", "b c"]}}),
+            "options.oauth.scopes[1]: a scope is one non-empty word",
+        ),
+        (
+            json!({"oauth": {"introspectionUrl": "http://127.0.0.1:1/i", "clientId": "gw", "cacheTtl": "soon"}}),
+            "options.oauth.cacheTtl",
+        ),
         (json!({"jwt": {}}), "options.jwt.secret: set one key source"),
         (
             json!({"jwt": {"secret": "a", "publicKey": RSA_PUBLIC}}),
