@@ -35,6 +35,8 @@
 //! - A priority key that is not a plain file name (`../x`, `a/b`, hidden) is skipped.
 //! - A failed write of the config file (a local problem) does not move to the next URL.
 //! - The features call answering 304 keeps the flags (Kratos logs it as an error).
+//! - `lastPriorityVersions` is sent once per priority config (Kratos' `url.Values.Set`
+//!   keeps only the last one).
 //! - Kratos' `POST /debug/ctrl/load` (fetch now) is not offered: the debug views are
 //!   read-only; `/debug/ctrl/load` shows the last release instead.
 
