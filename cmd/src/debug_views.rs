@@ -1,12 +1,13 @@
 //! The `/debug` mux over the real components: the config loader and the config in force,
-//! the proxy's routes, and the service watcher (when `--discovery` is set).
+//! the proxy's routes, the service watcher (when `--discovery` is set) and the control
+//! service (when `--ctrl-service` is set).
 
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 use debug::{
-    Applier, ConfigSource, ConfigStatus, ConfigViews, DebugMux, Instance, Route, RouterSource,
-    RouterViews, WatcherSource, WatcherViews,
+    Applier, ConfigSource, ConfigStatus, ConfigViews, CtrlSource, CtrlViews, DebugMux, Instance,
+    Route, RouterSource, RouterViews, WatcherSource, WatcherViews,
 };
 use proxy::Proxy;
 use serde_json::Value;
@@ -14,12 +15,13 @@ use serde_json::Value;
 /// What `/debug/config/load` shows instead of a TLS private key.
 const REDACTED: &str = "(redacted)";
 
-/// Builds the mux with the config, router and watcher views.
+/// Builds the mux with the config, router, watcher and control-service views.
 pub(crate) fn mux(
     loader: configs::FileLoader,
     current: Arc<ArcSwap<configs::Gateway>>,
     proxy: Arc<Proxy>,
     watcher: Option<Arc<client::ServiceWatcher>>,
+    ctrl: Option<configs_ctrl::CtrlLoader>,
 ) -> DebugMux {
     let mut mux = DebugMux::new();
     mux.register(Arc::new(ConfigViews::new(Arc::new(LoaderSource {
@@ -32,7 +34,27 @@ pub(crate) fn mux(
         None => WatcherViews::unavailable("no registry configured (--discovery)"),
     };
     mux.register(Arc::new(watcher_views));
+    let ctrl_views = match ctrl {
+        Some(ctrl) => CtrlViews::new(Arc::new(CtrlAdapter(ctrl))),
+        None => CtrlViews::unavailable("no control service configured (--ctrl-service)"),
+    };
+    mux.register(Arc::new(ctrl_views));
     mux
+}
+
+/// The control-service loader's status and last release.
+struct CtrlAdapter(configs_ctrl::CtrlLoader);
+
+impl CtrlSource for CtrlAdapter {
+    fn status(&self) -> Value {
+        serde_json::to_value(self.0.status()).unwrap_or_else(
+            |error| serde_json::json!({ "error": format!("cannot encode the status: {error}") }),
+        )
+    }
+
+    fn release(&self) -> Option<Value> {
+        self.0.release()
+    }
 }
 
 /// The file loader's status and the config in force (swapped in after each apply).

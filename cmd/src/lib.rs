@@ -75,6 +75,26 @@ pub struct Cli {
     /// How long start-up waits for the registry's first snapshot of each service.
     #[arg(long, default_value = "5s", value_parser = duration)]
     pub initial_resolve_timeout: Duration,
+    /// Control service URL(s) to fetch the config from (go-kratos/gateway's protocol);
+    /// comma-separated or repeated; tried in order, failing over to the next.
+    #[arg(long = "ctrl-service", value_name = "URL[,URL...]")]
+    pub ctrl_service: Vec<String>,
+    /// This gateway's name for the control service.
+    #[arg(long = "ctrl-name", env = "ADVERTISE_NAME", default_value = "")]
+    pub ctrl_name: String,
+    /// Address reported to the control service (default: the first IPv4 of
+    /// --advertise-device, else the first non-loopback address).
+    #[arg(long, env = "ADVERTISE_ADDR", value_name = "IP")]
+    pub advertise_addr: Option<String>,
+    /// Network interface whose first IPv4 address is reported (default eth0).
+    #[arg(long, env = "ADVERTISE_DEVICE", value_name = "NAME")]
+    pub advertise_device: Option<String>,
+    /// How often the control service is asked for a new release.
+    #[arg(long, default_value = "5s", value_parser = duration)]
+    pub ctrl_interval: Duration,
+    /// Bound of each call to the control service (start-up waits at most one round).
+    #[arg(long, default_value = "5s", value_parser = duration)]
+    pub ctrl_timeout: Duration,
     /// DEMO ONLY: also start a toy upstream on 127.0.0.1:8000 so the example config answers.
     #[arg(long)]
     pub demo: bool,
@@ -107,6 +127,33 @@ fn tls_pairs(cli: &Cli) -> Result<Option<Vec<proxy::tls::CertPair>>, String> {
             })
             .collect(),
     ))
+}
+
+/// The control-service loader of `--ctrl-service`, if given.
+fn control_service(cli: &Cli) -> Result<Option<configs_ctrl::CtrlLoader>, String> {
+    if cli.ctrl_service.iter().all(|list| list.trim().is_empty()) {
+        return Ok(None);
+    }
+    let advertise_addr = configs_ctrl::advertise_addr(
+        cli.advertise_addr.as_deref(),
+        cli.advertise_device.as_deref(),
+    );
+    let options = configs_ctrl::CtrlOptions {
+        services: cli.ctrl_service.clone(),
+        name: cli.ctrl_name.clone(),
+        advertise_addr,
+        conf: cli.conf.clone(),
+        priority_dir: cli.priority_dir.clone(),
+        interval: cli.ctrl_interval,
+        timeout: cli.ctrl_timeout,
+    };
+    let ctrl = configs_ctrl::CtrlLoader::new(options).map_err(|err| err.to_string())?;
+    if cli.ctrl_name.is_empty() {
+        tracing::warn!(
+            "--ctrl-name (or ADVERTISE_NAME) is not set; the control service gets an empty gateway name"
+        );
+    }
+    Ok(Some(ctrl))
 }
 
 fn duration(text: &str) -> Result<Duration, String> {
@@ -145,6 +192,21 @@ async fn serve_until_shutdown(
     on_ready: impl FnOnce(Listening),
 ) -> Result<(), String> {
     let tls_pairs = tls_pairs(&cli)?;
+    // With a control service, its release is written before the first load (if it answers
+    // within one round), so the gateway starts on it.
+    let ctrl = match control_service(&cli)? {
+        Some(ctrl) => {
+            match ctrl.initial().await {
+                Ok(outcome) => tracing::info!(?outcome, "control service: first release fetched"),
+                Err(error) => tracing::warn!(
+                    %error,
+                    "control service: no release at start-up; starting from the file on disk"
+                ),
+            }
+            Some(ctrl)
+        }
+        None => None,
+    };
     let loader = configs::FileLoader::new(cli.conf.clone(), cli.priority_dir.clone());
     // The first load waits for the file to settle (two equal reads), so off the runtime.
     let first_load = loader.clone();
@@ -222,6 +284,12 @@ async fn serve_until_shutdown(
     proxy
         .update(&loaded.gateway)
         .map_err(|err| format!("config: {err}"))?;
+    if let Some(ctrl) = &ctrl {
+        let retries = proxy.retries().clone();
+        ctrl.on_features(move |features| {
+            retries.set(features.get(configs_ctrl::FEATURE_RETRY) != Some(&false));
+        });
+    }
     if let Some(watcher) = &watcher {
         let unresolved = watcher.wait_ready(cli.initial_resolve_timeout).await;
         if !unresolved.is_empty() {
@@ -248,12 +316,14 @@ async fn serve_until_shutdown(
         );
         Ok(())
     });
+    let ctrl_polling = ctrl.as_ref().map(|ctrl| ctrl.run(shutdown.clone()));
     let debug = cli.debug.then(|| {
         Arc::new(debug_views::mux(
             loader.clone(),
             current,
             proxy.clone(),
             watcher.clone(),
+            ctrl.clone(),
         ))
     });
     let options = ServerOptions {
@@ -318,6 +388,9 @@ async fn serve_until_shutdown(
     // Requests have drained (or the grace ran out); tunnels are not requests, close them now.
     proxy.close_tunnels();
     let _ = reloads.await;
+    if let Some(ctrl_polling) = ctrl_polling {
+        let _ = ctrl_polling.await;
+    }
     if let Some(certificate_reloads) = certificate_reloads {
         let _ = certificate_reloads.await;
     }

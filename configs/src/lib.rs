@@ -34,7 +34,7 @@ mod validate;
 
 pub use duration::{DurationError, format_duration, parse_duration};
 pub use error::{ConfigError, Position};
-pub use loader::{FileLoader, Loaded, LoaderStatus};
+pub use loader::{FileLoader, Loaded, LoaderStatus, rfc3339};
 pub use model::{
     Backend, Condition, Endpoint, Gateway, HeaderCondition, HealthCheck, Middleware, Protocol,
     Retry, StatusRange, StatusRangeError, Tls,

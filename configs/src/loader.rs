@@ -466,8 +466,8 @@ fn utf8<'a>(bytes: &'a [u8], path: &Path) -> Result<&'a str, ConfigError> {
     })
 }
 
-/// `2024-05-06T07:08:09Z` (UTC, whole seconds).
-fn rfc3339(time: SystemTime) -> String {
+/// `2024-05-06T07:08:09Z` (UTC, whole seconds), as the debug views show times.
+pub fn rfc3339(time: SystemTime) -> String {
     let secs = time
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())

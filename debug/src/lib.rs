@@ -1,11 +1,11 @@
 //! The `/debug` mux of the gateway (served with `--debug`): liveness, CPU profiles, and
-//! views into the config loader, the router and the service watcher.
+//! views into the config loader, the router, the service watcher and the control service.
 //!
 //! This crate depends on none of the gateway's other crates. Components show themselves
-//! through [`Debuggable`] (a list of [`View`]s and a `serve` for them); the config, router
-//! and watcher views are ready-made [`Debuggable`]s over small data-source traits
-//! ([`ConfigSource`], [`RouterSource`], [`WatcherSource`]) that the binary implements over
-//! the real components.
+//! through [`Debuggable`] (a list of [`View`]s and a `serve` for them); the config, router,
+//! watcher and control-service views are ready-made [`Debuggable`]s over small data-source
+//! traits ([`ConfigSource`], [`RouterSource`], [`WatcherSource`], [`CtrlSource`]) that the
+//! binary implements over the real components.
 //!
 //! | path | answer |
 //! |------|--------|
@@ -19,6 +19,8 @@
 //! | `/debug/proxy/router/inspect` | `[{path, method, host, protocol, backends}]` |
 //! | `/debug/watcher/nodes?service=NAME` | `[{id, name, version, metadata, endpoints}]` |
 //! | `/debug/watcher/appliers?service=NAME` | `[{endpoint, nodes}]` |
+//! | `/debug/ctrl/inspect` | control-service status: `{ctrl_service, url, last_version, last_fetch, last_error, features, ...}` |
+//! | `/debug/ctrl/load` | the last release payload `{config, version, priorityConfigs}` (404 before one) |
 //!
 //! Choices: profiles last `seconds` (default 30, 1 to 60, else 400) and only one runs per
 //! process (409 for a second one). The watcher views without `service` answer a map of
@@ -39,8 +41,8 @@ pub use profile::{DEFAULT_SECONDS, MAX_SECONDS};
 pub use query::Query;
 pub use response::{DebugResponse, JSON};
 pub use views::{
-    Applier, ConfigSource, ConfigStatus, ConfigViews, Instance, Route, RouterSource, RouterViews,
-    WatcherSource, WatcherViews,
+    Applier, ConfigSource, ConfigStatus, ConfigViews, CtrlSource, CtrlViews, Instance, Route,
+    RouterSource, RouterViews, WatcherSource, WatcherViews,
 };
 
 #[cfg(test)]

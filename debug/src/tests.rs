@@ -357,3 +357,43 @@ async fn bad_profile_seconds_is_400() {
     assert_eq!(answer.status, StatusCode::BAD_REQUEST);
     assert!(answer.json()["error"].as_str().unwrap().contains("seconds"));
 }
+
+struct FakeCtrl(Option<Value>);
+
+impl CtrlSource for FakeCtrl {
+    fn status(&self) -> Value {
+        json!({"url": "http://ctrl:8000", "last_version": "7", "last_error": null})
+    }
+
+    fn release(&self) -> Option<Value> {
+        self.0.clone()
+    }
+}
+
+#[tokio::test]
+async fn ctrl_views_show_the_status_and_the_last_release() {
+    let mut mux = DebugMux::new();
+    let release = json!({"config": "{}", "version": "7", "priorityConfigs": []});
+    mux.register(Arc::new(CtrlViews::new(Arc::new(FakeCtrl(Some(
+        release.clone(),
+    ))))));
+    let index = get(&mux, "/debug").await;
+    assert!(index.body.contains("/debug/ctrl/inspect"));
+    assert!(index.body.contains("/debug/ctrl/load"));
+    let inspect = get(&mux, "/debug/ctrl/inspect").await;
+    assert_eq!(inspect.status, StatusCode::OK);
+    assert_eq!(inspect.json()["last_version"], "7");
+    assert_eq!(get(&mux, "/debug/ctrl/load").await.json(), release);
+
+    let mut mux = DebugMux::new();
+    mux.register(Arc::new(CtrlViews::new(Arc::new(FakeCtrl(None)))));
+    let none = get(&mux, "/debug/ctrl/load").await;
+    assert_eq!(none.status, StatusCode::NOT_FOUND);
+    assert!(none.json()["error"].is_string());
+
+    let mut mux = DebugMux::new();
+    mux.register(Arc::new(CtrlViews::unavailable("no control service")));
+    let answer = get(&mux, "/debug/ctrl/inspect").await;
+    assert_eq!(answer.status, StatusCode::NOT_FOUND);
+    assert_eq!(answer.json(), json!({"error": "no control service"}));
+}

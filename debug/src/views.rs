@@ -243,3 +243,64 @@ impl Debuggable for WatcherViews {
 fn not_found(path: &str) -> DebugResponse {
     DebugResponse::error(StatusCode::NOT_FOUND, format!("no debug view at {path}"))
 }
+
+/// The control-service loader (`--ctrl-service`): its status and the last release.
+pub trait CtrlSource: Send + Sync {
+    /// `{ctrl_service, url, last_version, last_error, last_fetch, features, ...}`.
+    fn status(&self) -> serde_json::Value;
+    /// The last release payload as the control service sent it; None before the first.
+    fn release(&self) -> Option<serde_json::Value>;
+}
+
+/// `/debug/ctrl/inspect` and `/debug/ctrl/load`.
+pub struct CtrlViews {
+    source: Result<Arc<dyn CtrlSource>, String>,
+}
+
+impl CtrlViews {
+    /// Views over `source`.
+    pub fn new(source: Arc<dyn CtrlSource>) -> Self {
+        CtrlViews { source: Ok(source) }
+    }
+
+    /// Views for a gateway without a control service: listed on the index, but every
+    /// request gets 404 with `{"error": reason}`.
+    pub fn unavailable(reason: impl Into<String>) -> Self {
+        CtrlViews {
+            source: Err(reason.into()),
+        }
+    }
+}
+
+impl Debuggable for CtrlViews {
+    fn views(&self) -> Vec<View> {
+        vec![
+            View {
+                path: "/debug/ctrl/inspect",
+                description: "control service: {ctrl_service, url, last_version, last_fetch, last_success, last_error, features, ...}",
+            },
+            View {
+                path: "/debug/ctrl/load",
+                description: "the last release from the control service: {config, version, priorityConfigs}",
+            },
+        ]
+    }
+
+    fn serve(&self, path: &str, _query: &Query) -> DebugResponse {
+        let source = match &self.source {
+            Ok(source) => source.as_ref(),
+            Err(reason) => return DebugResponse::error(StatusCode::NOT_FOUND, reason.clone()),
+        };
+        match path {
+            "/debug/ctrl/inspect" => DebugResponse::ok(&source.status()),
+            "/debug/ctrl/load" => match source.release() {
+                Some(release) => DebugResponse::ok(&release),
+                None => DebugResponse::error(
+                    StatusCode::NOT_FOUND,
+                    "no release received from the control service yet",
+                ),
+            },
+            _ => not_found(path),
+        }
+    }
+}

@@ -22,7 +22,7 @@ use crate::headers::{
 };
 use crate::metrics::{EndpointMetrics, Metrics};
 use crate::render::{Dialect, error_response, rendered};
-use crate::retry::RetryPolicy;
+use crate::retry::{RetryPolicy, RetrySwitch};
 use crate::tunnel::Tunnels;
 
 /// Request bodies up to this size are buffered so a retry can replay them; larger or
@@ -57,6 +57,7 @@ pub struct EndpointHandler {
     answers_preflight: bool,
     dialect: Dialect,
     tunnels: Tunnels,
+    retries: RetrySwitch,
 }
 
 struct Head {
@@ -114,6 +115,7 @@ impl EndpointHandler {
             timeout: spec.timeout.filter(|d| !d.is_zero()),
             retry: RetryPolicy::new(spec.retry),
             tunnels: Tunnels::default(),
+            retries: RetrySwitch::default(),
         }
     }
 
@@ -121,6 +123,12 @@ impl EndpointHandler {
     /// its idle timeout and close with it).
     pub(crate) fn with_tunnels(mut self, tunnels: Tunnels) -> Self {
         self.tunnels = tunnels;
+        self
+    }
+
+    /// Retries only while `switch` is on (the proxy's, set by the `gw:Retry` feature flag).
+    pub(crate) fn with_retry_switch(mut self, switch: RetrySwitch) -> Self {
+        self.retries = switch;
         self
     }
 
@@ -361,6 +369,9 @@ impl EndpointHandler {
         } else {
             body
         };
+        if attempts > 1 && !self.retries.enabled() {
+            attempts = 1;
+        }
         let mut streaming = Some(body);
         let mut replay: Option<Bytes> = None;
         if attempts > 1 {

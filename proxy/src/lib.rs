@@ -37,6 +37,7 @@ pub use endpoint::{EndpointHandler, EndpointSpec};
 pub use error::{ProxyError, Side};
 pub use metrics::Metrics;
 pub use render::{Dialect, error_response, rendered};
+pub use retry::RetrySwitch;
 pub use tunnel::{DEFAULT_TUNNEL_IDLE_TIMEOUT, HALF_CLOSED_LINGER};
 
 /// How long a replaced router waits for its in-flight requests before closing its clients.
@@ -105,6 +106,8 @@ pub struct Proxy {
     close_grace: Duration,
     /// Every upgrade tunnel of every router this proxy builds; they outlive reloads.
     tunnels: tunnel::Tunnels,
+    /// Kratos' `gw:Retry`: whether any endpoint retries.
+    retries: RetrySwitch,
     /// Closes the tunnels when the proxy goes away (after the server's shutdown grace).
     _close_tunnels: tokio_util::sync::DropGuard,
 }
@@ -123,6 +126,7 @@ impl Proxy {
             middlewares,
             metrics,
             close_grace: DEFAULT_CLOSE_GRACE,
+            retries: RetrySwitch::default(),
             _close_tunnels: tunnels.cancel_token().drop_guard(),
             tunnels,
         }
@@ -146,6 +150,11 @@ impl Proxy {
     pub fn with_close_grace(mut self, grace: Duration) -> Self {
         self.close_grace = grace;
         self
+    }
+
+    /// The switch that turns retries off for every endpoint (Kratos' `gw:Retry` flag).
+    pub fn retries(&self) -> &RetrySwitch {
+        &self.retries
     }
 
     /// The metric families.
@@ -264,7 +273,8 @@ impl Proxy {
         };
         Ok(Arc::new(
             EndpointHandler::new(info, spec, client, built, &self.metrics)
-                .with_tunnels(self.tunnels.clone()),
+                .with_tunnels(self.tunnels.clone())
+                .with_retry_switch(self.retries.clone()),
         ))
     }
 

@@ -1,9 +1,33 @@
 //! Retry policy of an endpoint: conditions and a budget that caps retries under failure.
 
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::time::Duration;
 
 use http::Response;
+
+/// Whether endpoints may retry at all: Kratos' `gw:Retry` feature flag, on by default, set
+/// by the control service. Shared by every router a proxy builds; cheap to clone.
+#[derive(Debug, Clone)]
+pub struct RetrySwitch(Arc<AtomicBool>);
+
+impl Default for RetrySwitch {
+    fn default() -> Self {
+        RetrySwitch(Arc::new(AtomicBool::new(true)))
+    }
+}
+
+impl RetrySwitch {
+    /// Turns retries on or off for every endpoint, from the next request on.
+    pub fn set(&self, enabled: bool) {
+        self.0.store(enabled, Ordering::Relaxed);
+    }
+
+    /// Whether retries are on.
+    pub fn enabled(&self) -> bool {
+        self.0.load(Ordering::Relaxed)
+    }
+}
 
 /// When and how often an endpoint retries.
 pub(crate) struct RetryPolicy {

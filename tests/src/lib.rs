@@ -1,6 +1,7 @@
 //! Shared helpers for the end-to-end tests.
 pub mod config;
 pub mod consul;
+pub mod ctrl;
 pub mod embedded;
 pub mod etcd;
 pub mod eventually;

@@ -58,6 +58,8 @@ async fn index_links_every_view_and_ping_answers() {
         "/debug/proxy/router/inspect",
         "/debug/watcher/nodes",
         "/debug/watcher/appliers",
+        "/debug/ctrl/inspect",
+        "/debug/ctrl/load",
     ] {
         assert!(
             index.body.contains(&format!("href=\"{path}\"")),
@@ -73,6 +75,14 @@ async fn index_links_every_view_and_ping_answers() {
     let (status, body) = get_json(&gw, "/debug/no/such/view").await;
     assert_eq!(status, 404);
     assert!(body["error"].is_string());
+
+    // Without --ctrl-service the control-service views are listed but answer 404.
+    let (status, body) = get_json(&gw, "/debug/ctrl/inspect").await;
+    assert_eq!(status, 404);
+    assert_eq!(
+        body,
+        json!({"error": "no control service configured (--ctrl-service)"})
+    );
 
     // Only /debug and /debug/* belong to the mux; /debugger goes to the router.
     let other = get(&gw.url("/debugger")).await;
