@@ -47,6 +47,10 @@ pub struct Cli {
     /// etcd://HOST:PORT[,HOST:PORT]?namespace=/microservices.
     #[arg(long)]
     pub discovery: Option<String>,
+    /// Redis for counters shared by every gateway using it: redis://HOST:PORT[/DB]; the
+    /// default of the `redis` option of ratelimit, quota and spikearrest.
+    #[arg(long, value_name = "DSN")]
+    pub redis: Option<String>,
     /// Serve the /debug/* views (loopback peers without X-Forwarded-For only).
     #[arg(long)]
     pub debug: bool,
@@ -139,6 +143,9 @@ async fn serve_until_shutdown(
     on_ready: impl FnOnce(Listening),
 ) -> Result<(), String> {
     let tls_pairs = tls_pairs(&cli)?;
+    if let Some(dsn) = &cli.redis {
+        middleware_builtin::redis_store::check_dsn(dsn).map_err(|err| format!("--redis: {err}"))?;
+    }
     let loader = configs::FileLoader::new(cli.conf.clone(), cli.priority_dir.clone());
     // The first load waits for the file to settle (two equal reads), so off the runtime.
     let first_load = loader.clone();
@@ -203,6 +210,7 @@ async fn serve_until_shutdown(
     let proxy = Arc::new(
         Proxy::new(clients, registry, metrics.clone())
             .with_close_grace(cli.shutdown_grace)
+            .with_redis(cli.redis.clone())
             .with_tunnel_idle_timeout(cli.tunnel_idle_timeout),
     );
     proxy

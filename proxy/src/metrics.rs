@@ -8,7 +8,7 @@
 use std::sync::{Arc, OnceLock};
 
 use middleware::EndpointInfo;
-use middleware::denials::{Counter, DenialCounter, Denials};
+use middleware::denials::{Counter, DenialCounter, Denials, Gauge, GaugeHandle};
 
 use prometheus::{
     Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
@@ -35,6 +35,9 @@ pub struct Metrics {
     pub middleware_denied: IntCounterVec,
     /// `gateway_middleware_build_failures_total{middleware}`.
     pub middleware_build_failures: IntCounterVec,
+    /// `gateway_middleware_store_up{store,target}`: 1 while a shared store middlewares use
+    /// (Redis) is reachable, 0 while they fall back.
+    pub middleware_store_up: IntGaugeVec,
     /// `gateway_connections`: open downstream connections.
     pub connections: IntGauge,
     /// `gateway_requests_in_flight`: requests being proxied now.
@@ -118,6 +121,14 @@ impl Metrics {
             &["middleware"],
         )
         .expect("valid metric");
+        let middleware_store_up = IntGaugeVec::new(
+            Opts::new(
+                "gateway_middleware_store_up",
+                "Whether a shared store of the middlewares (Redis) is reachable.",
+            ),
+            &["store", "target"],
+        )
+        .expect("valid metric");
         let connections = IntGauge::new("gateway_connections", "Open downstream connections.")
             .expect("valid metric");
         let in_flight = IntGauge::new("gateway_requests_in_flight", "Requests being proxied.")
@@ -143,6 +154,7 @@ impl Metrics {
             Box::new(retry_state.clone()),
             Box::new(middleware_denied.clone()),
             Box::new(middleware_build_failures.clone()),
+            Box::new(middleware_store_up.clone()),
             Box::new(connections.clone()),
             Box::new(in_flight.clone()),
             Box::new(tunnels_open.clone()),
@@ -161,6 +173,7 @@ impl Metrics {
             retry_state,
             middleware_denied,
             middleware_build_failures,
+            middleware_store_up,
             connections,
             in_flight,
             tunnels_open,
@@ -234,6 +247,20 @@ impl Denials for Metrics {
             self.middleware_denied
                 .with_label_values(&[middleware, endpoint, reason]),
         ))
+    }
+
+    fn store_up(&self, store: &str, target: &str) -> GaugeHandle {
+        Arc::new(StoreGauge(
+            self.middleware_store_up.with_label_values(&[store, target]),
+        ))
+    }
+}
+
+struct StoreGauge(IntGauge);
+
+impl Gauge for StoreGauge {
+    fn set(&self, value: i64) {
+        self.0.set(value);
     }
 }
 

@@ -1,0 +1,131 @@
+//! Limits kept in a real Redis (`redis-server` started by the test): what happens while it
+//! is gone (`failureMode: open` serves on local buckets, `closed` answers 503), and the
+//! recovery once it is back on the same port.
+
+use std::time::{Duration, Instant};
+
+use tests::assert_eventually;
+use tests::config::{endpoint, gateway, middleware, middlewares};
+use tests::eventually::expect_eq;
+use tests::harness::{TestGateway, Upstream, get};
+use tests::metrics;
+use tests::redis::RedisServer;
+
+fn limited(path: &str, target: &str, options: &str) -> String {
+    endpoint(
+        path,
+        target,
+        &format!(
+            "    timeout: 5s\n{}",
+            middlewares(&middleware("ratelimit", options))
+        ),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_outage_falls_back_by_failure_mode_and_recovers() {
+    let mut redis = RedisServer::start();
+    let upstream = Upstream::named("limited").await;
+    let yaml = gateway(&[
+        limited(
+            "/open",
+            &upstream.target(),
+            "{key: global, rate: 1000, failureMode: open}",
+        ),
+        limited(
+            "/closed",
+            &upstream.target(),
+            "{key: global, rate: 1000, failureMode: closed, redisTimeout: 80ms}",
+        ),
+    ]);
+    let gw = TestGateway::start_with(&yaml, &["--redis", &redis.dsn()])
+        .await
+        .expect("gateway starts");
+    let up = format!(
+        "gateway_middleware_store_up{{store=\"redis\",target=\"127.0.0.1:{}/0\"}}",
+        redis.port()
+    );
+    assert_eq!(get(&gw.url("/open")).await.status, 200);
+    assert_eq!(get(&gw.url("/closed")).await.status, 200);
+    assert_eq!(metrics::value(&gw.metrics().await, &up), Some(1.0));
+    let keys = redis.command(&["KEYS", "gateway:ratelimit:*"]);
+    assert!(
+        keys.contains("/open") && keys.contains("/closed"),
+        "keys: {keys:?}"
+    );
+
+    redis.kill();
+    assert_eventually!(
+        Duration::from_secs(5),
+        "closed mode answers 503 while Redis is down",
+        || async { expect_eq(get(&gw.url("/closed")).await.status, 503) }
+    );
+    // Open mode keeps serving on the local bucket, and nobody waits for the dead Redis.
+    for _ in 0..20 {
+        let started = Instant::now();
+        assert_eq!(get(&gw.url("/open")).await.status, 200);
+        let closed = get(&gw.url("/closed")).await;
+        assert_eq!(closed.status, 503, "{}", closed.body);
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "requests do not stall on a dead Redis: {:?}",
+            started.elapsed()
+        );
+    }
+    let page = gw.metrics().await;
+    assert_eq!(metrics::value(&page, &up), Some(0.0), "{page}");
+    let unavailable = metrics::denied("ratelimit", "/closed", "redis_unavailable");
+    assert!(
+        metrics::value(&page, &unavailable).is_some_and(|count| count >= 20.0),
+        "{page}"
+    );
+
+    tokio::task::block_in_place(|| redis.restart());
+    assert_eventually!(
+        Duration::from_secs(10),
+        "closed mode answers 200 once Redis is back",
+        || async { expect_eq(get(&gw.url("/closed")).await.status, 200) }
+    );
+    assert_eq!(get(&gw.url("/open")).await.status, 200);
+    assert_eq!(metrics::value(&gw.metrics().await, &up), Some(1.0));
+    // Counting happens in Redis again (the restarted server started empty).
+    let keys = redis.command(&["KEYS", "gateway:ratelimit:*"]);
+    assert!(
+        keys.contains("/open") && keys.contains("/closed"),
+        "keys: {keys:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_redis_option_wins_over_the_flag_and_headers_match_the_local_limiter() {
+    let redis = RedisServer::start();
+    let upstream = Upstream::named("limited").await;
+    let options = format!(
+        "{{key: global, max: 3, window: 3s, redis: \"{}\"}}",
+        redis.dsn()
+    );
+    let yaml = gateway(&[limited("/limited", &upstream.target(), &options)]);
+    // The flag names a Redis nobody listens on; the option's wins.
+    let unused = format!("redis://127.0.0.1:{}", tests::harness::unused_port());
+    let gw = TestGateway::start_with(&yaml, &["--redis", &unused])
+        .await
+        .expect("gateway starts");
+    let mut replies = Vec::new();
+    for _ in 0..5 {
+        replies.push(get(&gw.url("/limited")).await);
+    }
+    let statuses: Vec<u16> = replies.iter().map(|reply| reply.status).collect();
+    assert_eq!(statuses, [200, 200, 200, 429, 429]);
+    assert_eq!(replies[0].header("ratelimit-limit"), "3");
+    assert_eq!(replies[0].header("ratelimit-remaining"), "2");
+    assert_eq!(replies[0].header("ratelimit-reset"), "1");
+    assert_eq!(replies[2].header("ratelimit-remaining"), "0");
+    let denied = &replies[4];
+    assert_eq!(denied.header("retry-after"), "1");
+    assert_eq!(denied.header("ratelimit-remaining"), "0");
+    assert_eq!(denied.header("ratelimit-reset"), "3");
+    assert_eq!(upstream.hits(), 3);
+    let page = gw.metrics().await;
+    let denied = metrics::denied("ratelimit", "/limited", "rate_limited");
+    assert_eq!(metrics::value(&page, &denied), Some(2.0), "{page}");
+}
