@@ -129,3 +129,93 @@ async fn the_redis_option_wins_over_the_flag_and_headers_match_the_local_limiter
     let denied = metrics::denied("ratelimit", "/limited", "rate_limited");
     assert_eq!(metrics::value(&page, &denied), Some(2.0), "{page}");
 }
+
+fn spiky(path: &str, target: &str, options: &str) -> String {
+    endpoint(
+        path,
+        target,
+        &format!(
+            "    timeout: 5s\n{}",
+            middlewares(&middleware("spikearrest", options))
+        ),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spike_arrest_through_redis_spaces_requests_across_two_gateways() {
+    let redis = RedisServer::start();
+    let upstream = Upstream::named("spiky").await;
+    let yaml = gateway(&[
+        spiky("/smooth", &upstream.target(), "{allow: 10}"),
+        spiky("/queued", &upstream.target(), "{allow: 10, bufferSize: 3}"),
+    ]);
+    let flags = ["--redis", &redis.dsn()];
+    let a = TestGateway::start_with(&yaml, &flags)
+        .await
+        .expect("starts");
+    let b = TestGateway::start_with(&yaml, &flags)
+        .await
+        .expect("starts");
+
+    // Both gateways asked in turn every 20 ms for 1.5 s: one admission per 100 ms overall.
+    let started = Instant::now();
+    let mut admitted = Vec::new();
+    for round in 0..75u32 {
+        let gw = if round % 2 == 0 { &a } else { &b };
+        let reply = get(&gw.url("/smooth")).await;
+        match reply.status {
+            200 => admitted.push(started.elapsed()),
+            429 => assert_eq!(reply.header("retry-after"), "1"),
+            other => panic!("status {other}"),
+        }
+        tokio::time::sleep_until((started + Duration::from_millis(20) * (round + 1)).into()).await;
+    }
+    let window = started.elapsed().as_secs_f64();
+    eprintln!(
+        "spike arrest 10/s across two gateways: {} admitted in {window:.2}s at {admitted:?}",
+        admitted.len()
+    );
+    let expected = window * 10.0;
+    assert!(
+        (admitted.len() as f64 - expected).abs() <= 3.0,
+        "admitted {}, want about {expected:.0}",
+        admitted.len()
+    );
+    for pair in admitted.windows(2) {
+        assert!(
+            pair[1] - pair[0] >= Duration::from_millis(60),
+            "admissions closer than one interval: {admitted:?}"
+        );
+    }
+
+    // Four at once with bufferSize 3: none refused, the last one waited about 3 intervals.
+    let started = Instant::now();
+    let replies = futures_util::future::join_all((0..4).map(|n| {
+        let url = if n % 2 == 0 {
+            a.url("/queued")
+        } else {
+            b.url("/queued")
+        };
+        async move {
+            let reply = get(&url).await;
+            (reply.status, started.elapsed())
+        }
+    }))
+    .await;
+    assert!(
+        replies.iter().all(|(status, _)| *status == 200),
+        "{replies:?}"
+    );
+    let last = replies.iter().map(|(_, at)| *at).max().unwrap_or_default();
+    assert!(last >= Duration::from_millis(250), "{replies:?}");
+    // A fifth at once finds the buffer full.
+    let started = Instant::now();
+    let replies =
+        futures_util::future::join_all((0..5).map(|_| get_status(a.url("/queued")))).await;
+    let refused = replies.iter().filter(|status| **status == 429).count();
+    assert!(refused >= 1, "{replies:?} after {:?}", started.elapsed());
+}
+
+async fn get_status(url: String) -> u16 {
+    get(&url).await.status
+}

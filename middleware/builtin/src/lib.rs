@@ -28,6 +28,7 @@ pub mod logging;
 pub mod ratelimit;
 pub mod redis_store;
 pub mod rewrite;
+pub mod spikearrest;
 pub mod support;
 pub mod transform;
 pub mod validation;
@@ -52,4 +53,5 @@ pub fn register_all(registry: &mut Registry, clients: client::Factory) {
     registry.register("ipfilter", ipfilter::factory);
     registry.register("auth", auth::factory);
     registry.register("cache", cache::factory);
+    registry.register("spikearrest", spikearrest::factory(stores.clone()));
 }
