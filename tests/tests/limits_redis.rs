@@ -219,3 +219,62 @@ async fn spike_arrest_through_redis_spaces_requests_across_two_gateways() {
 async fn get_status(url: String) -> u16 {
     get(&url).await.status
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quota_in_redis_is_spent_across_two_gateways() {
+    let redis = RedisServer::start();
+    let upstream = Upstream::named("metered").await;
+    let yaml = gateway(&[endpoint(
+        "/metered",
+        &upstream.target(),
+        &format!(
+            "    timeout: 5s\n{}",
+            middlewares(&middleware(
+                "quota",
+                "{allow: 5, timeUnit: hour, key: apikey}"
+            ))
+        ),
+    )]);
+    let flags = ["--redis", &redis.dsn()];
+    let a = TestGateway::start_with(&yaml, &flags)
+        .await
+        .expect("starts");
+    let b = TestGateway::start_with(&yaml, &flags)
+        .await
+        .expect("starts");
+    let mut seen = Vec::new();
+    for n in 0..7 {
+        let gw = if n % 2 == 0 { &a } else { &b };
+        let reply = tests::harness::get_with(&gw.url("/metered"), &[("x-api-key", "team-a")]).await;
+        seen.push((
+            reply.status,
+            reply.header("x-quota-limit").to_owned(),
+            reply.header("x-quota-remaining").to_owned(),
+        ));
+        let reset: u64 = reply
+            .header("x-quota-reset")
+            .parse()
+            .expect("reset seconds");
+        assert!((3595..=3600).contains(&reset), "reset {reset}");
+    }
+    let expected: Vec<(u16, String, String)> = [
+        (200, "4"),
+        (200, "3"),
+        (200, "2"),
+        (200, "1"),
+        (200, "0"),
+        (429, "0"),
+        (429, "0"),
+    ]
+    .into_iter()
+    .map(|(status, remaining)| (status, "5".to_owned(), remaining.to_owned()))
+    .collect();
+    assert_eq!(seen, expected);
+    assert_eq!(upstream.hits(), 5);
+    // Another key has its own quota; the key is stored as a digest, never in clear.
+    let other = tests::harness::get_with(&b.url("/metered"), &[("x-api-key", "team-b")]).await;
+    assert_eq!(other.status, 200);
+    let keys = redis.command(&["KEYS", "gateway:quota:*"]);
+    assert_eq!(keys.lines().count(), 2, "{keys}");
+    assert!(!keys.contains("team-"), "{keys}");
+}

@@ -25,6 +25,7 @@ pub mod circuitbreaker;
 pub mod cors;
 pub mod ipfilter;
 pub mod logging;
+pub mod quota;
 pub mod ratelimit;
 pub mod redis_store;
 pub mod rewrite;
@@ -54,4 +55,5 @@ pub fn register_all(registry: &mut Registry, clients: client::Factory) {
     registry.register("auth", auth::factory);
     registry.register("cache", cache::factory);
     registry.register("spikearrest", spikearrest::factory(stores.clone()));
+    registry.register("quota", quota::factory(stores.clone()));
 }
