@@ -153,6 +153,7 @@ impl RedisStore {
         static GCRA: std::sync::LazyLock<Script> = std::sync::LazyLock::new(|| {
             Script::new(
                 r"
+if redis.replicate_commands then redis.replicate_commands() end
 local interval = tonumber(ARGV[1])
 local tolerance = interval * tonumber(ARGV[2])
 local time = redis.call('TIME')
