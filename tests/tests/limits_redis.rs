@@ -97,6 +97,45 @@ async fn a_redis_outage_falls_back_by_failure_mode_and_recovers() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_redis_costs_at_most_the_timeout_then_nothing() {
+    let redis = RedisServer::start();
+    let upstream = Upstream::named("limited").await;
+    let yaml = gateway(&[limited(
+        "/open",
+        &upstream.target(),
+        "{key: global, rate: 1000, redisTimeout: 50ms}",
+    )]);
+    let gw = TestGateway::start_with(&yaml, &["--redis", &redis.dsn()])
+        .await
+        .expect("gateway starts");
+    let up = format!(
+        "gateway_middleware_store_up{{store=\"redis\",target=\"127.0.0.1:{}/0\"}}",
+        redis.port()
+    );
+    assert_eq!(get(&gw.url("/open")).await.status, 200);
+    // Frozen, Redis keeps its connections open and never answers: the first request waits
+    // for redisTimeout, then Redis counts as down and nobody waits for it.
+    redis.pause();
+    for _ in 0..10 {
+        let started = Instant::now();
+        assert_eq!(get(&gw.url("/open")).await.status, 200);
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "a hung Redis stalls requests: {:?}",
+            started.elapsed()
+        );
+    }
+    assert_eq!(metrics::value(&gw.metrics().await, &up), Some(0.0));
+    redis.resume();
+    assert_eventually!(
+        Duration::from_secs(10),
+        "Redis counts as up once it answers again",
+        || async { expect_eq(metrics::value(&gw.metrics().await, &up), Some(1.0)) }
+    );
+    assert_eq!(get(&gw.url("/open")).await.status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_redis_option_wins_over_the_flag_and_headers_match_the_local_limiter() {
     let redis = RedisServer::start();
     let upstream = Upstream::named("limited").await;
