@@ -48,6 +48,10 @@ pub struct Cli {
     /// etcd://HOST:PORT[,HOST:PORT]?namespace=/microservices.
     #[arg(long)]
     pub discovery: Option<String>,
+    /// Redis for counters shared by every gateway using it: redis://HOST:PORT[/DB]; the
+    /// default of the `redis` option of ratelimit, quota and spikearrest.
+    #[arg(long, value_name = "DSN")]
+    pub redis: Option<String>,
     /// Serve the /debug/* views (loopback peers without X-Forwarded-For only).
     #[arg(long)]
     pub debug: bool,
@@ -207,6 +211,9 @@ async fn serve_until_shutdown(
         }
         None => None,
     };
+    if let Some(dsn) = &cli.redis {
+        middleware_builtin::redis_store::check_dsn(dsn).map_err(|err| format!("--redis: {err}"))?;
+    }
     let loader = configs::FileLoader::new(cli.conf.clone(), cli.priority_dir.clone());
     // The first load waits for the file to settle (two equal reads), so off the runtime.
     let first_load = loader.clone();
@@ -279,6 +286,7 @@ async fn serve_until_shutdown(
     let proxy = Arc::new(
         Proxy::new(clients, registry, metrics.clone())
             .with_close_grace(cli.shutdown_grace)
+            .with_redis(cli.redis.clone())
             .with_tunnel_idle_timeout(cli.tunnel_idle_timeout),
     );
     proxy

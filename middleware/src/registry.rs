@@ -127,6 +127,9 @@ pub struct BuildContext {
     pub endpoint: Arc<EndpointInfo>,
     /// Where refused requests are counted.
     pub denials: Arc<dyn Denials>,
+    /// The gateway-wide Redis DSN (`--redis`): the default of every middleware option
+    /// `redis`. `None` when the flag is not given.
+    pub redis: Option<Arc<str>>,
 }
 
 impl BuildContext {
@@ -135,7 +138,14 @@ impl BuildContext {
         Self {
             endpoint,
             denials: Arc::new(LocalDenials::default()),
+            redis: None,
         }
+    }
+
+    /// Sets the gateway-wide Redis DSN (the default of middleware options `redis`).
+    pub fn with_redis(mut self, dsn: Option<Arc<str>>) -> Self {
+        self.redis = dsn;
+        self
     }
 
     /// Counts denials in `denials` instead.

@@ -104,6 +104,8 @@ pub struct Proxy {
     middlewares: Registry,
     metrics: Arc<Metrics>,
     close_grace: Duration,
+    /// The gateway-wide Redis DSN handed to middleware factories (`--redis`).
+    redis: Option<Arc<str>>,
     /// Every upgrade tunnel of every router this proxy builds; they outlive reloads.
     tunnels: tunnel::Tunnels,
     /// Kratos' `gw:Retry`: whether any endpoint retries.
@@ -127,6 +129,7 @@ impl Proxy {
             metrics,
             close_grace: DEFAULT_CLOSE_GRACE,
             retries: RetrySwitch::default(),
+            redis: None,
             _close_tunnels: tunnels.cancel_token().drop_guard(),
             tunnels,
         }
@@ -144,6 +147,13 @@ impl Proxy {
     /// the proxy does it too, so tunnels end with the gateway that opened them.
     pub fn close_tunnels(&self) {
         self.tunnels.close();
+    }
+
+    /// Sets the Redis DSN middlewares use when their own `redis` option is unset
+    /// (`--redis`); applies to the endpoints built by later updates.
+    pub fn with_redis(mut self, dsn: Option<String>) -> Self {
+        self.redis = dsn.map(Arc::from);
+        self
     }
 
     /// Sets how long a replaced router may drain before its clients are closed.
@@ -243,7 +253,9 @@ impl Proxy {
                 endpoint: name.into(),
                 source,
             })?;
-        let ctx = BuildContext::new(info.clone()).with_denials(self.metrics.clone());
+        let ctx = BuildContext::new(info.clone())
+            .with_denials(self.metrics.clone())
+            .with_redis(self.redis.clone());
         let mut built = Vec::new();
         for entry in config.middlewares.iter().chain(&endpoint.middlewares) {
             match self.middlewares.build(entry, &ctx) {

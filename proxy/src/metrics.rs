@@ -9,7 +9,7 @@ use std::sync::{Arc, OnceLock};
 
 use http::Method;
 use middleware::EndpointInfo;
-use middleware::denials::{Counter, DenialCounter, Denials};
+use middleware::denials::{Counter, DenialCounter, Denials, Gauge, GaugeHandle};
 
 use prometheus::{
     Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
@@ -36,6 +36,9 @@ pub struct Metrics {
     pub middleware_denied: IntCounterVec,
     /// `go_gateway_middleware_build_failures_total{middleware}`.
     pub middleware_build_failures: IntCounterVec,
+    /// `go_gateway_middleware_store_up{store,target}`: 1 while a shared store middlewares use
+    /// (Redis) is reachable, 0 while they fall back.
+    pub middleware_store_up: IntGaugeVec,
     /// `go_gateway_connections`: open downstream connections.
     pub connections: IntGauge,
     /// `go_gateway_requests_in_flight`: requests being proxied now.
@@ -119,6 +122,14 @@ impl Metrics {
             &["middleware"],
         )
         .expect("valid metric");
+        let middleware_store_up = IntGaugeVec::new(
+            Opts::new(
+                "go_gateway_middleware_store_up",
+                "Whether a shared store of the middlewares (Redis) is reachable.",
+            ),
+            &["store", "target"],
+        )
+        .expect("valid metric");
         let connections = IntGauge::new("go_gateway_connections", "Open downstream connections.")
             .expect("valid metric");
         let in_flight = IntGauge::new("go_gateway_requests_in_flight", "Requests being proxied.")
@@ -144,6 +155,7 @@ impl Metrics {
             Box::new(retry_state.clone()),
             Box::new(middleware_denied.clone()),
             Box::new(middleware_build_failures.clone()),
+            Box::new(middleware_store_up.clone()),
             Box::new(connections.clone()),
             Box::new(in_flight.clone()),
             Box::new(tunnels_open.clone()),
@@ -162,6 +174,7 @@ impl Metrics {
             retry_state,
             middleware_denied,
             middleware_build_failures,
+            middleware_store_up,
             connections,
             in_flight,
             tunnels_open,
@@ -259,6 +272,20 @@ impl Denials for Metrics {
             self.middleware_denied
                 .with_label_values(&[middleware, endpoint, reason]),
         ))
+    }
+
+    fn store_up(&self, store: &str, target: &str) -> GaugeHandle {
+        Arc::new(StoreGauge(
+            self.middleware_store_up.with_label_values(&[store, target]),
+        ))
+    }
+}
+
+struct StoreGauge(IntGauge);
+
+impl Gauge for StoreGauge {
+    fn set(&self, value: i64) {
+        self.0.set(value);
     }
 }
 

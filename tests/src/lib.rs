@@ -7,5 +7,6 @@ pub mod etcd;
 pub mod eventually;
 pub mod harness;
 pub mod metrics;
+pub mod redis;
 pub mod tls;
 pub mod watch;

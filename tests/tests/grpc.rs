@@ -190,6 +190,22 @@ async fn rate_limited_calls_get_resource_exhausted() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_past_a_quota_or_a_spike_arrest_get_resource_exhausted() {
+    for limit in [
+        middleware("quota", "{allow: 2, timeUnit: hour, key: apikey}"),
+        middleware("spikearrest", "{allow: 2, timeUnit: minute}"),
+    ] {
+        let mut setup = Setup::start(&limit).await;
+        let calls = if limit.contains("quota") { 2 } else { 1 };
+        for _ in 0..calls {
+            assert_serving(setup.check(None).await);
+        }
+        assert_refused(setup.check(None).await, Code::ResourceExhausted);
+        assert_eq!(setup.upstream.calls(), calls, "{limit}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn calls_without_credentials_get_unauthenticated() {
     let auth = middleware("auth", "{apikey: {keys: [k-1]}}");
     let mut setup = Setup::start(&auth).await;

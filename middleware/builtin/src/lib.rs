@@ -26,8 +26,11 @@ pub mod circuitbreaker;
 pub mod cors;
 pub mod ipfilter;
 pub mod logging;
+pub mod quota;
 pub mod ratelimit;
+pub mod redis_store;
 pub mod rewrite;
+pub mod spikearrest;
 pub mod support;
 pub mod tracing;
 pub mod transcoder;
@@ -38,11 +41,15 @@ use middleware::Registry;
 
 /// Registers every built-in middleware in `registry`; `clients` builds the upstream
 /// clients built-ins need (a circuit breaker's `backupService`).
+///
+/// The Redis-backed middlewares (`ratelimit`, `quota` and `spikearrest` with `redis`) share
+/// one connection per Redis among every endpoint this registry builds.
 pub fn register_all(registry: &mut Registry, clients: client::Factory) {
+    let stores = std::sync::Arc::new(redis_store::RedisStores::default());
     registry.register("logging", logging::factory);
     registry.register("cors", cors::factory);
     registry.register("rewrite", rewrite::factory);
-    registry.register("ratelimit", ratelimit::factory);
+    registry.register("ratelimit", ratelimit::factory(stores.clone()));
     registry.register("bbr", bbr::factory);
     registry.register("validation", validation::factory);
     registry.register("transform", transform::factory);
@@ -53,4 +60,6 @@ pub fn register_all(registry: &mut Registry, clients: client::Factory) {
     registry.register(transcoder::NAME, transcoder::factory);
     registry.register("tracing", tracing::factory);
     registry.register("analytics", analytics::AnalyticsFactory::new(clients));
+    registry.register("spikearrest", spikearrest::factory(stores.clone()));
+    registry.register("quota", quota::factory(stores.clone()));
 }

@@ -52,6 +52,11 @@ impl Quota {
         self.burst
     }
 
+    /// Time between two tokens.
+    pub fn interval(&self) -> Duration {
+        Duration::from_nanos(self.interval_ns)
+    }
+
     fn tolerance_ns(&self) -> u64 {
         self.interval_ns.saturating_mul(self.burst)
     }

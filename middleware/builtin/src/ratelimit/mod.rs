@@ -5,6 +5,12 @@
 //! every response carries `RateLimit-Limit`, `RateLimit-Remaining` and `RateLimit-Reset`
 //! (seconds). Buckets are lock-free (see [`bucket`]); denials count in the proxy's
 //! `go_gateway_middleware_denied_total{middleware="ratelimit",reason="rate_limited"}`.
+//!
+//! With `redis` (or the gateway's `--redis`) the bucket lives in Redis and every gateway
+//! using it shares it: the same GCRA as the local bucket, run by a server-side script on the
+//! server's clock (see [`crate::redis_store`]). While Redis is unreachable, `failureMode:
+//! open` decides with the local bucket and `closed` answers 503 (counted with reason
+//! `redis_unavailable`).
 
 pub mod bucket;
 
@@ -21,6 +27,7 @@ use tokio::time::Instant;
 use tower::{Layer, Service};
 
 use self::bucket::{Bucket, Decision, Key, KeyedBuckets, Quota, nanos_since};
+use super::redis_store::{FailureMode, RedisStores, Shared, Unavailable, unavailable_response};
 use super::support::{Denied, decode, lenient_f64, lenient_u64, opt_duration, option_error};
 use middleware::denials::DenialCounter;
 use middleware::{
@@ -67,6 +74,15 @@ pub struct RateLimitOptions {
     pub max_keys: u64,
     /// Whether responses carry the `RateLimit-*` headers. Default: true.
     pub headers: bool,
+    /// `redis://HOST:PORT[/DB]`: keep the buckets there, shared by every gateway using it.
+    /// Default: empty, meaning the gateway's `--redis`, or local buckets without it.
+    pub redis: String,
+    /// While Redis is unreachable: `open` (decide with the local bucket) or `closed` (503).
+    /// Default: `open`.
+    pub failure_mode: FailureMode,
+    /// Bound on one Redis round trip. Default: `100ms`.
+    #[serde(deserialize_with = "opt_duration")]
+    pub redis_timeout: Option<Duration>,
 }
 
 impl Default for RateLimitOptions {
@@ -80,6 +96,9 @@ impl Default for RateLimitOptions {
             window: None,
             max_keys: 100_000,
             headers: true,
+            redis: String::new(),
+            failure_mode: FailureMode::Open,
+            redis_timeout: None,
         }
     }
 }
@@ -97,6 +116,8 @@ pub struct Limiter {
     epoch: Instant,
     headers: bool,
     denied: Denied,
+    shared: Option<Shared>,
+    unavailable: Denied,
 }
 
 impl Limiter {
@@ -166,7 +187,36 @@ impl Limiter {
             epoch: Instant::now(),
             headers: options.headers,
             denied: Denied::default(),
+            shared: None,
+            unavailable: Denied::default(),
         })
+    }
+
+    /// Keeps the buckets in Redis (`shared`); `unavailable` counts the 503s of
+    /// `failureMode: closed`.
+    pub fn with_shared(mut self, shared: Option<Shared>, unavailable: DenialCounter) -> Self {
+        self.shared = shared;
+        self.unavailable = Denied::new(unavailable);
+        self
+    }
+
+    /// What the request is counted under, as the end of a Redis key.
+    fn key_suffix<B>(&self, request: &Request<B>) -> Vec<u8> {
+        match &self.buckets {
+            Buckets::Global(_) => b"g".to_vec(),
+            Buckets::Ip(_) => request
+                .extensions()
+                .get::<RequestOptions>()
+                .and_then(|options| options.client_addr)
+                .map_or_else(
+                    || b"-".to_vec(),
+                    |addr| format!("ip:{}", addr.ip()).into_bytes(),
+                ),
+            Buckets::Header(name, _) => match request.headers().get(name) {
+                Some(value) => [b"h:", value.as_bytes()].concat(),
+                None => b"-".to_vec(),
+            },
+        }
     }
 
     /// Counts denials in `counter`.
@@ -259,17 +309,41 @@ pub struct RateLimit<S> {
 
 impl<S> Service<Request<Body>> for RateLimit<S>
 where
-    S: Service<Request<Body>, Response = Response<Body>, Error = BoxError>,
+    S: Service<Request<Body>, Response = Response<Body>, Error = BoxError> + Clone,
 {
     type Response = Response<Body>;
     type Error = BoxError;
-    type Future = ResponseFuture<S::Future>;
+    type Future = ResponseFuture<S, S::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
         self.inner.poll_ready(cx)
     }
 
     fn call(&mut self, request: Request<Body>) -> Self::Future {
+        if let Some(shared) = &self.limiter.shared {
+            let key = shared.key(&self.limiter.key_suffix(&request));
+            let limiter = self.limiter.clone();
+            let check = Box::pin(async move {
+                let Some(shared) = &limiter.shared else {
+                    return Err(Unavailable);
+                };
+                let quota = limiter.quota;
+                shared
+                    .store
+                    .gcra(&key, quota.interval(), quota.burst(), shared.timeout)
+                    .await
+            });
+            // The inner service that was polled ready goes into the future.
+            let clone = self.inner.clone();
+            return ResponseFuture {
+                state: State::Checking {
+                    check,
+                    request: Some(request),
+                    inner: Some(std::mem::replace(&mut self.inner, clone)),
+                    limiter: self.limiter.clone(),
+                },
+            };
+        }
         let decision = self.limiter.check(&request);
         if !decision.allowed {
             let response = self.limiter.denied_response(&decision);
@@ -289,53 +363,118 @@ where
     }
 }
 
+type Check = Pin<Box<dyn Future<Output = Result<Decision, Unavailable>> + Send>>;
+
 pin_project_lite::pin_project! {
     /// Response future of [`RateLimit`].
-    pub struct ResponseFuture<F> {
+    pub struct ResponseFuture<S, F> {
         #[pin]
-        state: State<F>,
+        state: State<S, F>,
     }
 }
 
 pin_project_lite::pin_project! {
     #[project = StateProj]
-    enum State<F> {
+    enum State<S, F> {
         Denied { response: Option<Response<Body>> },
+        // Redis-backed: the round trip, then the inner service.
+        Checking { check: Check, request: Option<Request<Body>>, inner: Option<S>, limiter: Arc<Limiter> },
         Passed { #[pin] future: F, decision: Decision, limiter: Arc<Limiter> },
     }
 }
 
-impl<F> Future for ResponseFuture<F>
+impl<S, F> Future for ResponseFuture<S, F>
 where
+    S: Service<Request<Body>, Response = Response<Body>, Error = BoxError, Future = F>,
     F: Future<Output = Result<Response<Body>, BoxError>>,
 {
     type Output = Result<Response<Body>, BoxError>;
 
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        match self.project().state.project() {
-            StateProj::Denied { response } => Poll::Ready(
-                response
-                    .take()
-                    .ok_or_else(|| "ratelimit future polled after completion".into()),
-            ),
-            StateProj::Passed {
-                future,
-                decision,
-                limiter,
-            } => {
-                let mut response = ready!(future.poll(cx))?;
-                limiter.write_headers(response.headers_mut(), decision);
-                Poll::Ready(Ok(response))
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        loop {
+            match self.as_mut().project().state.project() {
+                StateProj::Denied { response } => {
+                    return Poll::Ready(
+                        response
+                            .take()
+                            .ok_or_else(|| "ratelimit future polled after completion".into()),
+                    );
+                }
+                StateProj::Checking {
+                    check,
+                    request,
+                    inner,
+                    limiter,
+                } => {
+                    let checked = ready!(check.as_mut().poll(cx));
+                    let (Some(request), Some(mut inner)) = (request.take(), inner.take()) else {
+                        return Poll::Ready(Err("ratelimit future polled after completion".into()));
+                    };
+                    let decision = match checked {
+                        Ok(decision) => decision,
+                        Err(_) => match limiter.shared.as_ref().map(|shared| shared.failure_mode) {
+                            Some(FailureMode::Closed) => {
+                                limiter.unavailable.inc();
+                                return Poll::Ready(Ok(unavailable_response()));
+                            }
+                            _ => limiter.check(&request),
+                        },
+                    };
+                    if !decision.allowed {
+                        return Poll::Ready(Ok(limiter.denied_response(&decision)));
+                    }
+                    let limiter = limiter.clone();
+                    let future = inner.call(request);
+                    self.as_mut().project().state.set(State::Passed {
+                        future,
+                        decision,
+                        limiter,
+                    });
+                }
+                StateProj::Passed {
+                    future,
+                    decision,
+                    limiter,
+                } => {
+                    let mut response = ready!(future.poll(cx))?;
+                    limiter.write_headers(response.headers_mut(), decision);
+                    return Poll::Ready(Ok(response));
+                }
             }
         }
     }
 }
 
+/// The factory of `ratelimit`; Redis-backed instances take their store from `stores`.
+pub fn factory(
+    stores: Arc<RedisStores>,
+) -> impl Fn(&configs::Middleware, &BuildContext) -> Result<Middleware, BuildError> + Send + Sync {
+    move |config, ctx| build(config, ctx, &stores)
+}
+
 /// Builds `ratelimit` from its config entry.
-pub fn factory(config: &configs::Middleware, ctx: &BuildContext) -> Result<Middleware, BuildError> {
+pub fn build(
+    config: &configs::Middleware,
+    ctx: &BuildContext,
+    stores: &RedisStores,
+) -> Result<Middleware, BuildError> {
     let options: RateLimitOptions = decode(config)?;
     let denied = ctx.denial_counter(&config.name, "rate_limited");
-    let limiter = Limiter::new(&options, &config.name)?.with_denied_counter(denied);
+    let shared = Shared::build(
+        stores,
+        "ratelimit",
+        config,
+        ctx,
+        &options.redis,
+        options.failure_mode,
+        options.redis_timeout,
+    )?;
+    let limiter = Limiter::new(&options, &config.name)?
+        .with_denied_counter(denied)
+        .with_shared(
+            shared,
+            ctx.denial_counter(&config.name, "redis_unavailable"),
+        );
     Ok(Middleware::from_layer(
         &config.name,
         RateLimitLayer::new(limiter),
@@ -394,9 +533,10 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn exactly_burst_then_one_per_interval_on_a_paused_clock() {
         let (ctx, denials) = ctx();
-        let middleware = factory(
+        let middleware = build(
             &entry(serde_json::json!({"rate": 10, "burst": 5, "key": "global"})),
             &ctx,
+            &RedisStores::default(),
         )
         .expect("builds");
         let service = middleware.wrap(ok());
@@ -432,9 +572,10 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn max_per_window_and_headers() {
-        let middleware = factory(
+        let middleware = build(
             &entry(serde_json::json!({"max": "3", "window": "3s"})),
             &ctx().0,
+            &RedisStores::default(),
         )
         .expect("builds");
         let service = middleware.wrap(ok());
@@ -460,7 +601,7 @@ mod tests {
     async fn keyed_by_header() {
         let options =
             serde_json::json!({"key": "header", "header": "x-api-key", "rate": 1, "burst": 1});
-        let service = factory(&entry(options), &ctx().0)
+        let service = build(&entry(options), &ctx().0, &RedisStores::default())
             .expect("builds")
             .wrap(ok());
         let with = |key: &str| {
@@ -516,7 +657,7 @@ mod tests {
             ),
         ];
         for (options, expected) in cases {
-            let err = factory(&entry(options.clone()), &ctx().0)
+            let err = build(&entry(options.clone()), &ctx().0, &RedisStores::default())
                 .err()
                 .expect("bad options");
             let text = err.to_string();
