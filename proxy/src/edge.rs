@@ -6,9 +6,9 @@ use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use bytes::Bytes;
 use http::{Request, Response};
-use hyper::body::Incoming;
-use middleware::Body;
+use middleware::{Body, BoxError};
 
 use crate::Proxy;
 use crate::metrics::Metrics;
@@ -32,11 +32,15 @@ impl Edge {
 
     /// Serves one request: `/metrics`, `/debug/*` (when mounted), else the proxy. Every
     /// branch lives in one async fn, so the proxied path pays for no extra boxing.
-    pub async fn call(
+    pub async fn call<B>(
         self: Arc<Self>,
-        req: Request<Incoming>,
+        req: Request<B>,
         remote: SocketAddr,
-    ) -> Result<Response<Body>, Infallible> {
+    ) -> Result<Response<Body>, Infallible>
+    where
+        B: http_body::Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<BoxError>,
+    {
         if req.uri().path() == "/metrics" {
             let mut response = Response::new(middleware::full_body(self.metrics().encode()));
             response.headers_mut().insert(

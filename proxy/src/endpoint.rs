@@ -355,7 +355,12 @@ impl EndpointHandler {
             if replayable {
                 let body = streaming.take().map(|b| b.collect());
                 if let Some(collect) = body {
-                    replay = Some(collect.await.map_err(ProxyError::ClientGone)?.to_bytes());
+                    replay = Some(
+                        collect
+                            .await
+                            .map_err(ProxyError::from_downstream_body)?
+                            .to_bytes(),
+                    );
                 }
             } else {
                 attempts = 1;

@@ -3,6 +3,8 @@
 
 use middleware::BoxError;
 
+use crate::server::BodyReadTimeout;
+
 /// Which side of the proxy a failure came from (as pingora tells them apart).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Side {
@@ -20,6 +22,10 @@ pub enum ProxyError {
     /// The downstream client went away while sending its request (499).
     #[error("client closed the request: {0}")]
     ClientGone(BoxError),
+    /// The client paused its request body for longer than the read timeout (408); the
+    /// upstream call was aborted.
+    #[error("request body read timed out: {0}")]
+    BodyTimeout(BoxError),
     /// No route for the path (404).
     #[error("no endpoint for this path")]
     NotFound,
@@ -49,6 +55,9 @@ pub enum ProxyError {
 impl ProxyError {
     /// Classifies an error that came out of the middleware chain / client.
     pub fn from_round_trip(err: BoxError) -> Self {
+        if BodyReadTimeout::is_cause_of(err.as_ref()) {
+            return ProxyError::BodyTimeout(err);
+        }
         let err = match err.downcast::<client::Error>() {
             Ok(client_error) => return Self::from_client(*client_error),
             Err(err) => err,
@@ -72,6 +81,9 @@ impl ProxyError {
 
     /// Classifies an error of a direct client call.
     pub fn from_client(err: client::Error) -> Self {
+        if BodyReadTimeout::is_cause_of(&err) {
+            return ProxyError::BodyTimeout(Box::new(err));
+        }
         match err {
             client::Error::NoNode => ProxyError::NoNode,
             err @ client::Error::Connect { .. } => ProxyError::Connect(Box::new(err)),
@@ -79,10 +91,21 @@ impl ProxyError {
         }
     }
 
+    /// Classifies a failure to read the downstream request body: the read timeout, or the
+    /// client went away.
+    pub fn from_downstream_body(err: BoxError) -> Self {
+        if BodyReadTimeout::is_cause_of(err.as_ref()) {
+            ProxyError::BodyTimeout(err)
+        } else {
+            ProxyError::ClientGone(err)
+        }
+    }
+
     /// Which side failed.
     pub fn side(&self) -> Side {
         match self {
             ProxyError::ClientGone(_)
+            | ProxyError::BodyTimeout(_)
             | ProxyError::NotFound
             | ProxyError::MethodNotAllowed
             | ProxyError::DotSegment => Side::Downstream,
