@@ -25,10 +25,15 @@ use crate::watcher::ServiceWatcher;
 
 type Pool = HyperClient<HttpsConnector<HttpConnector>, Body>;
 
+/// Default of [`ClientOptions::connect_timeout`].
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
+
 /// Upstream connection settings shared by every client of a factory.
 #[derive(Debug, Clone)]
 pub struct ClientOptions {
-    /// TCP connect timeout per attempt (default 3 s).
+    /// TCP connect timeout per attempt (default [`DEFAULT_CONNECT_TIMEOUT`], 500 ms: below
+    /// the 1 s default endpoint timeout, so a node that does not answer leaves time for a
+    /// retry on another one; Kratos uses 200 ms).
     pub connect_timeout: Duration,
     /// How long an idle pooled connection is kept (default 90 s).
     pub pool_idle_timeout: Duration,
@@ -44,7 +49,7 @@ pub struct ClientOptions {
 impl Default for ClientOptions {
     fn default() -> Self {
         Self {
-            connect_timeout: Duration::from_secs(3),
+            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             pool_idle_timeout: Duration::from_secs(90),
             pool_max_idle_per_host: 256,
             max_response_header_size: 64 * 1024,

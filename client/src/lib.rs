@@ -17,5 +17,5 @@ mod watcher;
 pub use applier::NodeApplier;
 pub use body::DoneBody;
 pub use error::{BuildError, Error};
-pub use factory::{Client, ClientOptions, ClientSpec, Factory};
+pub use factory::{Client, ClientOptions, ClientSpec, DEFAULT_CONNECT_TIMEOUT, Factory};
 pub use watcher::{ApplierInfo, ServiceWatcher, Subscription};

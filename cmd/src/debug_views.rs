@@ -116,6 +116,7 @@ impl RouterSource for ProxySource {
                 host: route.host,
                 protocol: route.protocol,
                 backends: route.backends,
+                timeout: route.timeout,
             })
             .collect()
     }

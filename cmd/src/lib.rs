@@ -4,6 +4,7 @@
 mod debug_views;
 mod demo;
 pub mod kratos_flags;
+pub mod limits;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -11,7 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
-use proxy::server::{ServerOptions, serve, serve_tls};
+use proxy::server::{self, ConnectionLimit, ServerOptions, serve, serve_tls};
 use proxy::tls::TlsAcceptor;
 use proxy::{Edge, Metrics, Proxy};
 use tokio::net::TcpListener;
@@ -70,14 +71,38 @@ pub struct Cli {
     /// Time allowed for in-flight requests at shutdown and when a router is replaced.
     #[arg(long, default_value = "30s", value_parser = duration)]
     pub shutdown_grace: Duration,
-    /// Time a client has to send a request head; also the idle keep-alive timeout.
-    #[arg(long, default_value = "15s", value_parser = duration)]
+    /// Time a client has to send a complete request head (and a new connection its first
+    /// one, the HTTP/2 preface included); a connection that runs out is closed.
+    #[arg(long, env = "PROXY_READ_HEADER_TIMEOUT", default_value = "15s", value_parser = timeout_or(server::DEFAULT_HEADER_READ_TIMEOUT))]
     pub header_read_timeout: Duration,
+    /// Longest pause while a request body is being read: a client that stops sending
+    /// mid-body gets 408 and the upstream call is aborted.
+    #[arg(long, env = "PROXY_READ_TIMEOUT", default_value = "15s", value_parser = timeout_or(server::DEFAULT_READ_TIMEOUT))]
+    pub read_timeout: Duration,
+    /// Longest time a write to a client may make no progress (the client reads nothing);
+    /// a response that keeps flowing is never cut.
+    #[arg(long, env = "PROXY_WRITE_TIMEOUT", default_value = "15s", value_parser = timeout_or(server::DEFAULT_WRITE_TIMEOUT))]
+    pub write_timeout: Duration,
+    /// Time a connection with no request open may wait for its next request (HTTP/1.1
+    /// keep-alive, HTTP/2 without streams) before it is closed.
+    #[arg(long, env = "PROXY_IDLE_TIMEOUT", default_value = "120s", value_parser = timeout_or(server::DEFAULT_IDLE_TIMEOUT))]
+    pub idle_timeout: Duration,
+    /// Upstream TCP connect timeout, per attempt: a node that does not answer costs at most
+    /// this, then a retry may go to another node.
+    #[arg(long, env = "PROXY_DIAL_TIMEOUT", default_value = "500ms", value_parser = timeout_or(client::DEFAULT_CONNECT_TIMEOUT))]
+    pub dial_timeout: Duration,
+    /// Open downstream connections allowed at once (all listeners); beyond it a new
+    /// connection is closed at once. Default: half the open-file limit, at most 10000.
+    #[arg(long, env = "GATEWAY_MAX_CONNECTIONS", value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_connections: Option<u64>,
+    /// Concurrent streams allowed per HTTP/2 client connection.
+    #[arg(long, env = "GATEWAY_MAX_CONCURRENT_STREAMS", default_value_t = proxy::server::DEFAULT_MAX_CONCURRENT_STREAMS, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_concurrent_streams: u32,
     /// A WebSocket (or other upgrade) tunnel with no bytes either way for this long is closed.
     #[arg(long, default_value = "60s", value_parser = duration)]
     pub tunnel_idle_timeout: Duration,
     /// How long start-up waits for the registry's first snapshot of each service.
-    #[arg(long, default_value = "5s", value_parser = duration)]
+    #[arg(long, env = "INITIAL_RESOLVE_TIMEOUT", default_value = "5s", value_parser = duration_or(DEFAULT_INITIAL_RESOLVE_TIMEOUT))]
     pub initial_resolve_timeout: Duration,
     /// Control service URL(s) to fetch the config from (go-kratos/gateway's protocol);
     /// comma-separated or repeated; tried in order, failing over to the next.
@@ -163,6 +188,39 @@ fn control_service(cli: &Cli) -> Result<Option<configs_ctrl::CtrlLoader>, String
 fn duration(text: &str) -> Result<Duration, String> {
     configs::parse_duration(text).map_err(|err| err.to_string())
 }
+
+/// A duration for a timeout that must not be unbounded: zero is refused (in Kratos, zero
+/// means "no timeout").
+fn positive_duration(text: &str) -> Result<Duration, String> {
+    match duration(text)? {
+        zero if zero.is_zero() => Err("must be above zero: no timeout may be unbounded".to_owned()),
+        positive => Ok(positive),
+    }
+}
+
+/// The parser of a timeout that Kratos reads from the environment: a positive duration, or
+/// `default` for an empty value (a variable set to "", which Kratos ignores).
+fn timeout_or(
+    default: Duration,
+) -> impl Fn(&str) -> Result<Duration, String> + Clone + Send + Sync + 'static {
+    move |text| match text {
+        "" => Ok(default),
+        text => positive_duration(text),
+    }
+}
+
+/// As [`timeout_or`] for a wait that may be zero (`INITIAL_RESOLVE_TIMEOUT=0s`: do not wait).
+fn duration_or(
+    default: Duration,
+) -> impl Fn(&str) -> Result<Duration, String> + Clone + Send + Sync + 'static {
+    move |text| match text {
+        "" => Ok(default),
+        text => duration(text),
+    }
+}
+
+/// Default of `--initial-resolve-timeout`.
+const DEFAULT_INITIAL_RESOLVE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Where a started gateway listens (the bound addresses, so port 0 is resolved).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -280,7 +338,11 @@ async fn serve_until_shutdown(
             .await
             .map_err(|err| format!("demo upstream: {err}"))?;
     }
-    let clients = client::Factory::new(client::ClientOptions::default(), watcher.clone());
+    let client_options = client::ClientOptions {
+        connect_timeout: cli.dial_timeout,
+        ..client::ClientOptions::default()
+    };
+    let clients = client::Factory::new(client_options, watcher.clone());
     let mut registry = middleware::Registry::new();
     middleware_builtin::register_all(&mut registry, clients.clone());
     let proxy = Arc::new(
@@ -334,11 +396,32 @@ async fn serve_until_shutdown(
             ctrl.clone(),
         ))
     });
+    let max_connections = cli
+        .max_connections
+        .map_or_else(limits::default_max_connections, |max| {
+            usize::try_from(max).unwrap_or(usize::MAX)
+        });
     let options = ServerOptions {
         header_read_timeout: cli.header_read_timeout,
+        idle_timeout: cli.idle_timeout,
+        read_timeout: cli.read_timeout,
+        write_timeout: cli.write_timeout,
+        max_concurrent_streams: cli.max_concurrent_streams,
         shutdown_grace: cli.shutdown_grace,
+        max_connections: ConnectionLimit::new(max_connections),
         ..ServerOptions::default()
     };
+    tracing::info!(
+        header_read_timeout = ?options.header_read_timeout,
+        read_timeout = ?options.read_timeout,
+        write_timeout = ?options.write_timeout,
+        idle_timeout = ?options.idle_timeout,
+        dial_timeout = ?cli.dial_timeout,
+        initial_resolve_timeout = ?cli.initial_resolve_timeout,
+        max_connections = options.max_connections.max(),
+        max_concurrent_streams = options.max_concurrent_streams,
+        "downstream and upstream limits"
+    );
     let edge = Arc::new(Edge::new(proxy.clone(), debug));
     let mut servers = Vec::new();
     let mut local_addrs = Vec::new();

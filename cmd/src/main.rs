@@ -21,6 +21,9 @@ fn main() -> ExitCode {
         }
     };
     let _log_guard = init_logging();
+    if let Some((old, new)) = cmd::limits::raise_open_file_limit() {
+        tracing::info!(old, new, "raised the open-file limit to the hard limit");
+    }
     let mut runtime = tokio::runtime::Builder::new_multi_thread();
     if let Some(workers) = cli.workers {
         runtime.worker_threads(workers.max(1));

@@ -156,7 +156,7 @@ fn sigterm_drains_in_flight_requests_then_exits_0() {
     let (_dir, path) = write_temp(
         "gw.yaml",
         &format!(
-            "name: t\nendpoints:\n  - path: /slow\n    backends:\n      - target: 127.0.0.1:{upstream}\n"
+            "name: t\nendpoints:\n  - path: /slow\n    timeout: 5s\n    backends:\n      - target: 127.0.0.1:{upstream}\n"
         ),
     );
     let (mut child, addr) = spawn_gateway(&["--conf", &path, "--addr", "127.0.0.1:0"]);

@@ -39,6 +39,7 @@ impl RouterSource for FakeRouter {
             host: String::new(),
             protocol: "HTTP".into(),
             backends: vec!["127.0.0.1:8000".into(), "discovery:///hello world".into()],
+            timeout: "1s".into(),
         }]
     }
 }
@@ -249,6 +250,7 @@ async fn router_view() {
             "host": "",
             "protocol": "HTTP",
             "backends": ["127.0.0.1:8000", "discovery:///hello world"],
+            "timeout": "1s",
         }])
     );
 }

@@ -91,6 +91,8 @@ pub struct Route {
     pub protocol: String,
     /// Configured backend targets.
     pub backends: Vec<String>,
+    /// The endpoint timeout in force, as a Go duration (`1s` when the config sets none).
+    pub timeout: String,
 }
 
 /// The router source: the routes of the router in force.
@@ -115,7 +117,7 @@ impl Debuggable for RouterViews {
     fn views(&self) -> Vec<View> {
         vec![View {
             path: "/debug/proxy/router/inspect",
-            description: "routes in force: [{path, method, host, protocol, backends}]",
+            description: "routes in force: [{path, method, host, protocol, backends, timeout}]",
         }]
     }
 

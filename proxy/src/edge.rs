@@ -6,9 +6,9 @@ use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use bytes::Bytes;
 use http::{Request, Response};
-use hyper::body::Incoming;
-use middleware::Body;
+use middleware::{Body, BoxError};
 
 use crate::Proxy;
 use crate::error::ProxyError;
@@ -72,11 +72,15 @@ impl Edge {
     /// Serves one request: a malformed `Host` gets 400, then `/metrics`, `/debug/*` (when
     /// mounted), else the proxy. Every branch lives in one async fn, so the proxied path
     /// pays for no extra boxing.
-    pub async fn call(
+    pub async fn call<B>(
         self: Arc<Self>,
-        req: Request<Incoming>,
+        req: Request<B>,
         remote: SocketAddr,
-    ) -> Result<Response<Body>, Infallible> {
+    ) -> Result<Response<Body>, Infallible>
+    where
+        B: http_body::Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<BoxError>,
+    {
         // A request off the wire whose Host is missing, doubled or invalid is refused
         // before anything routes it (RFC 9112 §3.2).
         if let Some(problem) = host_problem(&req) {

@@ -29,10 +29,15 @@ use crate::tunnel::Tunnels;
 /// unsized bodies stream through and are not retried.
 pub(crate) const MAX_REPLAY_BODY: u64 = 64 * 1024;
 
+/// The endpoint timeout of an endpoint without `timeout` (or with `timeout: 0s`), as in
+/// Kratos: no request waits for an upstream's answer unbounded.
+pub const DEFAULT_ENDPOINT_TIMEOUT: Duration = Duration::from_secs(1);
+
 /// What the handler needs of an endpoint's config: its deadline and retry rules.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct EndpointSpec<'a> {
-    /// Deadline of the whole request, retries included (`None` or zero: none).
+    /// Deadline of the whole request until the response head, retries included (`None` or
+    /// zero: [`DEFAULT_ENDPOINT_TIMEOUT`]). A response body already streaming is not cut.
     pub timeout: Option<Duration>,
     /// Retry rules (`None`: one attempt).
     pub retry: Option<&'a configs::Retry>,
@@ -46,7 +51,7 @@ pub struct EndpointHandler {
     tripper: Option<RoundTripper>,
     client: client::Client,
     middlewares: Vec<Middleware>,
-    timeout: Option<Duration>,
+    timeout: Duration,
     retry: RetryPolicy,
     metrics: EndpointMetrics,
     in_flight: prometheus::IntGauge,
@@ -112,7 +117,7 @@ impl EndpointHandler {
             tripper,
             client,
             middlewares,
-            timeout: spec.timeout.filter(|d| !d.is_zero()),
+            timeout: effective_timeout(spec.timeout),
             retry: RetryPolicy::new(spec.retry),
             tunnels: Tunnels::default(),
             retries: RetrySwitch::default(),
@@ -201,12 +206,9 @@ impl EndpointHandler {
         // timeout would copy it on every request.
         let outcome = {
             let attempts = std::pin::pin!(self.attempts(&mut head, body, &mut record.options));
-            match self.timeout {
-                Some(timeout) => tokio::time::timeout(timeout, attempts)
-                    .await
-                    .unwrap_or(Err(ProxyError::Timeout)),
-                None => attempts.await,
-            }
+            tokio::time::timeout(self.timeout, attempts)
+                .await
+                .unwrap_or(Err(ProxyError::Timeout))
         };
         let response = match outcome {
             Ok(mut response) => {
@@ -304,12 +306,9 @@ impl EndpointHandler {
                 .and_then(|result| result.map_err(ProxyError::from_client)),
             }
         };
-        let outcome = match self.timeout {
-            Some(timeout) => tokio::time::timeout(timeout, attempt)
-                .await
-                .unwrap_or(Err(ProxyError::Timeout)),
-            None => attempt.await,
-        };
+        let outcome = tokio::time::timeout(self.timeout, attempt)
+            .await
+            .unwrap_or(Err(ProxyError::Timeout));
         let outcome = outcome.and_then(|mut response| {
             if response.status() != StatusCode::SWITCHING_PROTOCOLS {
                 strip_hop_by_hop(response.headers_mut(), false);
@@ -449,6 +448,13 @@ impl EndpointHandler {
             }
         }
     }
+}
+
+/// The endpoint timeout in force for a configured `timeout`: unset or zero is the default.
+pub fn effective_timeout(configured: Option<Duration>) -> Duration {
+    configured
+        .filter(|timeout| !timeout.is_zero())
+        .unwrap_or(DEFAULT_ENDPOINT_TIMEOUT)
 }
 
 impl Drop for EndpointHandler {

@@ -5,6 +5,8 @@ use std::error::Error as _;
 
 use middleware::BoxError;
 
+use crate::server::BodyReadTimeout;
+
 /// Which side of the proxy a failure came from (as pingora tells them apart).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Side {
@@ -22,6 +24,10 @@ pub enum ProxyError {
     /// The downstream client went away while sending its request (499).
     #[error("client closed the request: {0}")]
     ClientGone(BoxError),
+    /// The client paused its request body for longer than the read timeout (408); the
+    /// upstream call was aborted.
+    #[error("request body read timed out: {0}")]
+    BodyTimeout(BoxError),
     /// No route for the path (404).
     #[error("no endpoint for this path")]
     NotFound,
@@ -53,11 +59,13 @@ pub enum ProxyError {
 }
 
 impl ProxyError {
-    /// Classifies an error of reading the downstream request body: a malformed body
-    /// (a bad chunk size line, ...) is the client's fault (400); anything else means the
-    /// client went away or stalled mid-body (499).
+    /// Classifies an error of reading the downstream request body: the body read timeout
+    /// ran out (408); a malformed body (a bad chunk size line, ...) is the client's fault
+    /// (400); anything else means the client went away mid-body (499).
     pub fn from_request_body(err: BoxError) -> Self {
-        if is_malformed(err.as_ref()) {
+        if BodyReadTimeout::is_cause_of(err.as_ref()) {
+            ProxyError::BodyTimeout(err)
+        } else if is_malformed(err.as_ref()) {
             ProxyError::BadRequest("malformed request body")
         } else {
             ProxyError::ClientGone(err)
@@ -66,6 +74,9 @@ impl ProxyError {
 
     /// Classifies an error that came out of the middleware chain / client.
     pub fn from_round_trip(err: BoxError) -> Self {
+        if BodyReadTimeout::is_cause_of(err.as_ref()) {
+            return ProxyError::BodyTimeout(err);
+        }
         let err = match err.downcast::<client::Error>() {
             Ok(client_error) => return Self::from_client(*client_error),
             Err(err) => err,
@@ -94,6 +105,9 @@ impl ProxyError {
 
     /// Classifies an error of a direct client call.
     pub fn from_client(err: client::Error) -> Self {
+        if BodyReadTimeout::is_cause_of(&err) {
+            return ProxyError::BodyTimeout(Box::new(err));
+        }
         match request_body_failure(&err) {
             Some(true) => return ProxyError::BadRequest("malformed request body"),
             Some(false) => return ProxyError::ClientGone(Box::new(err)),
@@ -110,6 +124,7 @@ impl ProxyError {
     pub fn side(&self) -> Side {
         match self {
             ProxyError::ClientGone(_)
+            | ProxyError::BodyTimeout(_)
             | ProxyError::NotFound
             | ProxyError::MethodNotAllowed
             | ProxyError::DotSegment

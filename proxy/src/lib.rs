@@ -33,7 +33,7 @@ use router::{MuxRouter, RouteMatch, Router};
 use serde::Serialize;
 
 pub use edge::Edge;
-pub use endpoint::{EndpointHandler, EndpointSpec};
+pub use endpoint::{DEFAULT_ENDPOINT_TIMEOUT, EndpointHandler, EndpointSpec, effective_timeout};
 pub use error::{ProxyError, Side};
 pub use metrics::Metrics;
 pub use render::{Dialect, error_response, rendered};
@@ -88,6 +88,8 @@ pub struct RouteInfo {
     pub protocol: String,
     /// Configured backend targets.
     pub backends: Vec<String>,
+    /// The endpoint timeout in force, as a Go duration (`1s` when the config sets none).
+    pub timeout: String,
 }
 
 struct RouterState {
@@ -227,6 +229,7 @@ impl Proxy {
                 host: endpoint.host.clone(),
                 protocol: endpoint.protocol.as_str().into(),
                 backends: endpoint.backends.iter().map(|b| b.target.clone()).collect(),
+                timeout: configs::format_duration(endpoint::effective_timeout(endpoint.timeout)),
             });
         }
         Ok(())

@@ -41,6 +41,13 @@ pub struct Metrics {
     pub middleware_store_up: IntGaugeVec,
     /// `go_gateway_connections`: open downstream connections.
     pub connections: IntGauge,
+    /// `go_gateway_connections_refused_total`: connections closed at accept because
+    /// `--max-connections` were already open.
+    pub connections_refused: IntCounter,
+    /// `go_gateway_downstream_timeouts_total{kind}`: downstream waits that ran out, by kind:
+    /// `header` (no request head in time), `idle` (keep-alive idle), `body` (request body
+    /// paused too long), `write` (client read nothing for too long).
+    pub downstream_timeouts: IntCounterVec,
     /// `go_gateway_requests_in_flight`: requests being proxied now.
     pub in_flight: IntGauge,
     /// `go_gateway_tunnels_open{protocol,method,path,service,basePath}`: upgraded connections
@@ -132,6 +139,19 @@ impl Metrics {
         .expect("valid metric");
         let connections = IntGauge::new("go_gateway_connections", "Open downstream connections.")
             .expect("valid metric");
+        let connections_refused = IntCounter::new(
+            "go_gateway_connections_refused_total",
+            "Connections closed at accept: the connection limit was reached.",
+        )
+        .expect("valid metric");
+        let downstream_timeouts = IntCounterVec::new(
+            Opts::new(
+                "go_gateway_downstream_timeouts_total",
+                "Downstream waits that ran out, by kind (header, idle, body, write).",
+            ),
+            &["kind"],
+        )
+        .expect("valid metric");
         let in_flight = IntGauge::new("go_gateway_requests_in_flight", "Requests being proxied.")
             .expect("valid metric");
         let tunnels_open = IntGaugeVec::new(
@@ -157,6 +177,8 @@ impl Metrics {
             Box::new(middleware_build_failures.clone()),
             Box::new(middleware_store_up.clone()),
             Box::new(connections.clone()),
+            Box::new(connections_refused.clone()),
+            Box::new(downstream_timeouts.clone()),
             Box::new(in_flight.clone()),
             Box::new(tunnels_open.clone()),
             Box::new(tunnels_opened.clone()),
@@ -176,6 +198,8 @@ impl Metrics {
             middleware_build_failures,
             middleware_store_up,
             connections,
+            connections_refused,
+            downstream_timeouts,
             in_flight,
             tunnels_open,
             tunnels_opened,

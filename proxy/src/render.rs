@@ -59,6 +59,11 @@ impl Dialect {
 pub fn error_response(err: &ProxyError, dialect: Dialect) -> Response<Body> {
     let (status, code, message): (StatusCode, u8, &str) = match err {
         ProxyError::ClientGone(_) => (client_closed(), grpc::CANCELLED, "Client Closed Request"),
+        ProxyError::BodyTimeout(_) => (
+            StatusCode::REQUEST_TIMEOUT,
+            grpc::DEADLINE_EXCEEDED,
+            "Request Timeout: the request body stopped arriving",
+        ),
         ProxyError::NotFound => (StatusCode::NOT_FOUND, grpc::UNIMPLEMENTED, "page not found"),
         ProxyError::MethodNotAllowed => (
             StatusCode::METHOD_NOT_ALLOWED,

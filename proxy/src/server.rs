@@ -1,53 +1,131 @@
 //! The downstream HTTP server: HTTP/1.1 and h2c on one port (or HTTP/1.1 and h2 over TLS on
 //! an HTTPS listener), with bounded limits and graceful shutdown. Both listener kinds share
 //! the per-connection serving, so a request is served the same way on either.
+//!
+//! No wait is unbounded: a connection has `header_read_timeout` to send a request head (the
+//! HTTP/2 preface included, see [`clock`]), `idle_timeout` between requests, a request body
+//! may pause for at most `read_timeout`, a write may make no progress for at most
+//! `write_timeout`, and at most `max_connections` connections are open at once.
+
+mod clock;
+mod io;
+mod limit;
+mod read_timeout;
 
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::Request;
+use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::{GracefulShutdown, Watcher};
-use prometheus::IntGauge;
+use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::edge::Edge;
+use crate::metrics::Metrics;
 use crate::tls::{TlsAcceptor, client_certificate};
+use clock::{Activity, ConnectionClock, Expiry, ExpiryCounters, Settings, TrackedBody};
+use io::WatchedIo;
+use limit::ConnectionSlot;
+pub use limit::{ConnectionLimit, DEFAULT_MAX_CONNECTIONS};
+pub use read_timeout::BodyReadTimeout;
+use read_timeout::ReadTimeoutBody;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
 /// Limits of the downstream server; none is left unbounded.
 #[derive(Debug, Clone)]
 pub struct ServerOptions {
-    /// Time a client has to send a complete request head (default 15 s). hyper also applies
-    /// it while an HTTP/1.1 keep-alive connection waits for its next request, so it is the
-    /// idle keep-alive timeout too.
+    /// Time a client has to send a complete request head, counted from the connection's
+    /// start (after the TLS handshake on HTTPS listeners) or from the first byte of the
+    /// next request on a keep-alive connection; also bounds the HTTP/2 preface (default
+    /// 15 s). A connection that runs out is closed.
     pub header_read_timeout: Duration,
+    /// Time a connection with no request open may wait for the next one (HTTP/1.1
+    /// keep-alive, or an HTTP/2 connection without streams) before it is closed
+    /// (default 120 s, Kratos' `PROXY_IDLE_TIMEOUT`).
+    pub idle_timeout: Duration,
+    /// Longest pause while a request body is being read; a client that stops sending
+    /// mid-body gets 408 and the upstream call is aborted (default 15 s).
+    pub read_timeout: Duration,
+    /// Longest time a write to the client may make no progress; a client that stops
+    /// reading is disconnected. A response that keeps flowing is never cut (default 15 s).
+    pub write_timeout: Duration,
     /// Largest request head accepted, in bytes (default 64 KiB); larger gets 431.
     pub max_header_size: usize,
-    /// Concurrent streams per HTTP/2 connection (default 256).
+    /// Concurrent streams per HTTP/2 connection (default 100, as nginx and Go): with the
+    /// read timeout, it bounds the upstream connections one client connection can hold.
     pub max_concurrent_streams: u32,
     /// HTTP/2 keep-alive ping interval; a peer that does not answer within the same time
     /// is dropped (default 30 s).
     pub h2_keep_alive: Duration,
     /// How long shutdown waits for in-flight requests (default 30 s).
     pub shutdown_grace: Duration,
+    /// Open downstream connections allowed at once, shared by every listener given a
+    /// clone of these options (default [`DEFAULT_MAX_CONNECTIONS`]).
+    pub max_connections: ConnectionLimit,
 }
+
+/// Default of [`ServerOptions::header_read_timeout`].
+pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(15);
+/// Default of [`ServerOptions::idle_timeout`].
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(120);
+/// Default of [`ServerOptions::read_timeout`].
+pub const DEFAULT_READ_TIMEOUT: Duration = Duration::from_secs(15);
+/// Default of [`ServerOptions::write_timeout`].
+pub const DEFAULT_WRITE_TIMEOUT: Duration = Duration::from_secs(15);
+/// Default of [`ServerOptions::max_concurrent_streams`].
+pub const DEFAULT_MAX_CONCURRENT_STREAMS: u32 = 100;
 
 impl Default for ServerOptions {
     fn default() -> Self {
         Self {
-            header_read_timeout: Duration::from_secs(15),
+            header_read_timeout: DEFAULT_HEADER_READ_TIMEOUT,
+            idle_timeout: DEFAULT_IDLE_TIMEOUT,
+            read_timeout: DEFAULT_READ_TIMEOUT,
+            write_timeout: DEFAULT_WRITE_TIMEOUT,
             max_header_size: 64 * 1024,
-            max_concurrent_streams: 256,
+            max_concurrent_streams: DEFAULT_MAX_CONCURRENT_STREAMS,
             h2_keep_alive: Duration::from_secs(30),
             shutdown_grace: Duration::from_secs(30),
+            max_connections: ConnectionLimit::default(),
         }
     }
+}
+
+impl ServerOptions {
+    /// The timeouts every connection of a listener shares, with their counters.
+    fn settings(&self, metrics: &Metrics) -> Arc<Settings> {
+        let counter = |kind: &str| metrics.downstream_timeouts.with_label_values(&[kind]);
+        Arc::new(Settings {
+            header_read_timeout: self.header_read_timeout,
+            idle_timeout: self.idle_timeout,
+            read_timeout: self.read_timeout,
+            write_timeout: self.write_timeout,
+            expired: ExpiryCounters {
+                header: counter("header"),
+                idle: counter("idle"),
+                body: counter("body"),
+                write: counter("write"),
+            },
+        })
+    }
+}
+
+/// Takes a place under the connection cap for a connection just accepted; beyond the cap
+/// the connection is closed at once (dropping the socket) and counted.
+fn admit(options: &ServerOptions, metrics: &Metrics, remote: SocketAddr) -> Option<ConnectionSlot> {
+    let slot = options
+        .max_connections
+        .admit(&metrics.connections, &metrics.connections_refused);
+    if slot.is_none() {
+        tracing::debug!(%remote, "connection refused: too many open connections");
+    }
+    slot
 }
 
 /// Accepts connections on `listener` until `shutdown`, then stops accepting and waits up to
@@ -59,21 +137,22 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) {
     let builder = http_builder(&options);
+    let settings = options.settings(edge.metrics());
     let graceful = GracefulShutdown::new();
     while let Some((stream, remote)) = accept(&listener, &shutdown).await {
-        let serving = serve_connection(
+        let Some(slot) = admit(&options, edge.metrics(), remote) else {
+            continue;
+        };
+        tokio::spawn(serve_connection(
             &builder,
             graceful.watcher(),
-            TokioIo::new(stream),
+            stream,
+            slot,
+            &settings,
             &edge,
             remote,
             |_: &mut Request<Incoming>| {},
-        );
-        let connections = edge.metrics().connections.clone();
-        tokio::spawn(async move {
-            let _open = OpenConnection::count(connections);
-            serving.await;
-        });
+        ));
     }
     drop(listener);
     drain(graceful, options.shutdown_grace).await;
@@ -81,7 +160,8 @@ pub async fn serve(
 
 /// [`serve`] for an HTTPS listener: each accepted connection first completes a TLS
 /// handshake (bounded by the acceptor's handshake timeout, and abandoned at shutdown), then
-/// is served exactly as a plain one. A connection is counted open from its accept.
+/// is served exactly as a plain one. A connection is counted open (and under the cap) from
+/// its accept.
 pub async fn serve_tls(
     listener: TcpListener,
     options: ServerOptions,
@@ -90,14 +170,21 @@ pub async fn serve_tls(
     shutdown: CancellationToken,
 ) {
     let builder = Arc::new(http_builder(&options));
+    let settings = options.settings(edge.metrics());
     let graceful = GracefulShutdown::new();
     while let Some((stream, remote)) = accept(&listener, &shutdown).await {
-        let open = OpenConnection::count(edge.metrics().connections.clone());
-        let (tls, builder, edge, shutdown) =
-            (tls.clone(), builder.clone(), edge.clone(), shutdown.clone());
+        let Some(slot) = admit(&options, edge.metrics(), remote) else {
+            continue;
+        };
+        let (tls, builder, edge, shutdown, settings) = (
+            tls.clone(),
+            builder.clone(),
+            edge.clone(),
+            shutdown.clone(),
+            settings.clone(),
+        );
         let watcher = graceful.watcher();
         tokio::spawn(async move {
-            let _open = open;
             let handshake = tokio::select! {
                 () = shutdown.cancelled() => return,
                 handshake = tls.accept(stream) => handshake,
@@ -110,8 +197,10 @@ pub async fn serve_tls(
                             req.extensions_mut().insert(certificate.clone());
                         }
                     };
-                    let io = TokioIo::new(stream);
-                    serve_connection(&builder, watcher, io, &edge, remote, tag).await;
+                    serve_connection(
+                        &builder, watcher, stream, slot, &settings, &edge, remote, tag,
+                    )
+                    .await;
                 }
                 Err(err) => tracing::debug!(%remote, %err, "tls connection dropped"),
             }
@@ -124,10 +213,12 @@ pub async fn serve_tls(
 /// The HTTP server settings shared by every listener kind.
 fn http_builder(options: &ServerOptions) -> auto::Builder<TokioExecutor> {
     let mut builder = auto::Builder::new(TokioExecutor::new());
+    // hyper's own header timer would also cut idle keep-alive connections at the header
+    // timeout; the connection clock runs both waits instead (see `clock`).
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(options.header_read_timeout)
+        .header_read_timeout(None)
         .max_buf_size(options.max_header_size.max(8192));
     builder
         .http2()
@@ -164,33 +255,66 @@ async fn accept(
 }
 
 /// Serves HTTP/1.1 or HTTP/2 on one connection (plain or TLS), every request through
-/// `edge`, until the client leaves or a graceful shutdown completes it. `tag` adds what the
+/// `edge`, until the client leaves, a graceful shutdown completes it, or the connection's
+/// clock runs out (no head within the header timeout, or idle too long). `tag` adds what the
 /// connection knows to each request (a TLS client certificate); a plain listener passes a
 /// no-op, which compiles away.
-fn serve_connection<IO, Tag>(
+#[allow(clippy::too_many_arguments)]
+fn serve_connection<S, Tag>(
     builder: &auto::Builder<TokioExecutor>,
     watcher: Watcher,
-    io: IO,
+    stream: S,
+    slot: ConnectionSlot,
+    settings: &Arc<Settings>,
     edge: &Arc<Edge>,
     remote: SocketAddr,
     tag: Tag,
 ) -> impl Future<Output = ()> + Send + 'static
 where
-    IO: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     Tag: Fn(&mut Request<Incoming>) + Send + Sync + 'static,
 {
+    let activity = Arc::new(Activity::new(settings.clone()));
+    let io = TokioIo::new(WatchedIo::new(stream, activity.clone(), slot));
     let service_edge = edge.clone();
+    let service_activity = activity.clone();
     let service = service_fn(move |mut req: Request<Incoming>| {
         tag(&mut req);
-        service_edge.clone().call(req, remote)
+        // Open from here until the response body ends (or the request is dropped).
+        let open = service_activity.request_opened();
+        let settings = service_activity.settings().clone();
+        let req = req.map(|body| ReadTimeoutBody::new(body, settings));
+        let call = service_edge.clone().call(req, remote);
+        async move {
+            let response: Response<_> = match call.await {
+                Ok(response) => response,
+                Err(never) => match never {},
+            };
+            Ok::<_, std::convert::Infallible>(response.map(|body| TrackedBody::new(body, open)))
+        }
     });
     let connection = builder
         .serve_connection_with_upgrades(io, service)
         .into_owned();
     let connection = watcher.watch(connection);
+    let clock = ConnectionClock::new(activity.clone());
     async move {
-        if let Err(err) = connection.await {
-            tracing::debug!(%remote, %err, "connection ended with an error");
+        tokio::select! {
+            // The connection first, so the clock sees what its last read changed.
+            biased;
+            ended = connection => {
+                if let Err(err) = ended {
+                    tracing::debug!(%remote, %err, "connection ended with an error");
+                }
+            }
+            expiry = clock => {
+                let counters = &activity.settings().expired;
+                match expiry {
+                    Expiry::Header => counters.header.inc(),
+                    Expiry::Idle => counters.idle.inc(),
+                }
+                tracing::debug!(%remote, ?expiry, "connection closed by its timeout");
+            }
         }
     }
 }
@@ -202,22 +326,5 @@ async fn drain(graceful: GracefulShutdown, grace: Duration) {
         _ = tokio::time::sleep(grace) => {
             tracing::warn!("shutdown grace elapsed with requests still open");
         }
-    }
-}
-
-/// One open downstream connection in the `go_gateway_connections` gauge, for as long as it
-/// lives (also when its task is dropped).
-struct OpenConnection(IntGauge);
-
-impl OpenConnection {
-    fn count(gauge: IntGauge) -> Self {
-        gauge.inc();
-        Self(gauge)
-    }
-}
-
-impl Drop for OpenConnection {
-    fn drop(&mut self) {
-        self.0.dec();
     }
 }

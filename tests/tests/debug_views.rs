@@ -235,7 +235,7 @@ async fn router_inspect_lists_routes_with_backends() {
         "version: r1\nendpoints:\n\
          - path: /api/*\n  method: GET\n  backends:\n    - target: {a}\n    - target: 127.0.0.1:9\n\
          - path: /grpc.Echo/Say\n  method: POST\n  host: rpc.example.com\n  protocol: GRPC\n  backends:\n    - target: 127.0.0.1:9\n\
-         - path: /any\n  backends:\n    - target: {a}\n",
+         - path: /any\n  timeout: 250ms\n  backends:\n    - target: {a}\n",
         a = a.target()
     );
     let gw = TestGateway::start(&yaml).await;
@@ -245,11 +245,11 @@ async fn router_inspect_lists_routes_with_backends() {
         routes,
         json!([
             {"path": "/api/*", "method": "GET", "host": "", "protocol": "HTTP",
-             "backends": [a.target(), "127.0.0.1:9"]},
+             "backends": [a.target(), "127.0.0.1:9"], "timeout": "1s"},
             {"path": "/grpc.Echo/Say", "method": "POST", "host": "rpc.example.com",
-             "protocol": "GRPC", "backends": ["127.0.0.1:9"]},
+             "protocol": "GRPC", "backends": ["127.0.0.1:9"], "timeout": "1s"},
             {"path": "/any", "method": "", "host": "", "protocol": "HTTP",
-             "backends": [a.target()]},
+             "backends": [a.target()], "timeout": "250ms"},
         ])
     );
 

@@ -1,0 +1,301 @@
+//! The per-connection clock: what a downstream connection is waiting for, and how long it
+//! may wait for it.
+//!
+//! hyper has one timer for HTTP/1.1 (`header_read_timeout`, which also runs while a
+//! keep-alive connection waits for its next request) and none for the step that tells
+//! HTTP/1.1 from HTTP/2 or for an idle HTTP/2 connection. So the server keeps its own, as
+//! Go's `http.Server` does:
+//!
+//! - **head**: a new connection, or one where the first byte of the next request arrived,
+//!   has `header_read_timeout` to deliver a complete request head (the HTTP/2 preface
+//!   counts as the head of an HTTP/2 connection). A silent socket or a partial preface is
+//!   closed when it runs out.
+//! - **idle**: a connection with no request open (every response ended) is closed after
+//!   `idle_timeout` without a new request.
+//! - **busy**: while a request is open nothing here runs; the request-body read timeout,
+//!   the write-progress timeout and the endpoint's `timeout` bound that time.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::task::AtomicWaker;
+use http_body::{Body as HttpBody, Frame, SizeHint};
+use prometheus::IntCounter;
+use tokio::time::{Instant, Sleep};
+
+/// The timeouts of one listener's connections, and where their expiries are counted.
+#[derive(Debug)]
+pub(super) struct Settings {
+    pub(super) header_read_timeout: Duration,
+    pub(super) idle_timeout: Duration,
+    pub(super) read_timeout: Duration,
+    pub(super) write_timeout: Duration,
+    pub(super) expired: ExpiryCounters,
+}
+
+/// `go_gateway_downstream_timeouts_total{kind}`, resolved once per listener.
+#[derive(Debug, Clone)]
+pub(super) struct ExpiryCounters {
+    pub(super) header: IntCounter,
+    pub(super) idle: IntCounter,
+    pub(super) body: IntCounter,
+    pub(super) write: IntCounter,
+}
+
+/// Which wait ran out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Expiry {
+    /// No complete request head (or HTTP/2 preface) within `header_read_timeout`.
+    Header,
+    /// No new request within `idle_timeout`.
+    Idle,
+}
+
+/// Low bit of [`Activity::state`]: waiting for a request head.
+const HEAD: u64 = 0;
+/// Low bit of [`Activity::state`]: idle between requests.
+const IDLE: u64 = 1;
+
+/// What one connection is doing, shared by its IO (bytes arriving), its requests (opened
+/// and ended, on any task) and its [`ConnectionClock`].
+#[derive(Debug)]
+pub(super) struct Activity {
+    settings: Arc<Settings>,
+    origin: Instant,
+    /// Requests (HTTP/2: streams) whose response has not ended yet.
+    open: AtomicUsize,
+    /// Nanoseconds since `origin` when the current wait began, shifted left by one, with
+    /// the kind of wait ([`HEAD`] or [`IDLE`]) in the low bit: one word, so a reader never
+    /// sees the start of one wait with the kind of another.
+    state: AtomicU64,
+    /// The clock's task, woken when the last open request ends on another task.
+    clock: AtomicWaker,
+    /// Whether the connection speaks HTTP/2, whose streams end on their own tasks. An
+    /// HTTP/1.1 response ends inside the connection's task, right before the clock is
+    /// polled, so it needs no wake-up (which would cost a poll per request).
+    http2: AtomicBool,
+}
+
+impl Activity {
+    /// A connection just accepted (or just past its TLS handshake): waiting for a head.
+    pub(super) fn new(settings: Arc<Settings>) -> Self {
+        Self {
+            settings,
+            origin: Instant::now(),
+            open: AtomicUsize::new(0),
+            state: AtomicU64::new(HEAD),
+            clock: AtomicWaker::new(),
+            http2: AtomicBool::new(false),
+        }
+    }
+
+    pub(super) fn settings(&self) -> &Arc<Settings> {
+        &self.settings
+    }
+
+    /// A request head was read: the connection is busy until the returned guard is
+    /// dropped, which the response body does when it ends.
+    pub(super) fn request_opened(self: &Arc<Self>) -> OpenRequest {
+        self.open.fetch_add(1, Ordering::AcqRel);
+        OpenRequest(self.clone())
+    }
+
+    /// The connection was found to speak HTTP/2: its preface is its head, so it is now idle
+    /// until a stream opens.
+    pub(super) fn preface_read(&self) {
+        self.http2.store(true, Ordering::Release);
+        if self.open.load(Ordering::Acquire) == 0 {
+            self.begin(IDLE);
+        }
+    }
+
+    /// Bytes arrived on an HTTP/1.1 connection: when it was idle, they start the next
+    /// request's head.
+    pub(super) fn bytes_read(&self) {
+        if self.open.load(Ordering::Acquire) == 0 && self.state.load(Ordering::Acquire) & 1 == IDLE
+        {
+            self.begin(HEAD);
+        }
+    }
+
+    fn begin(&self, kind: u64) {
+        let since = Instant::now().saturating_duration_since(self.origin);
+        let nanos = u64::try_from(since.as_nanos()).unwrap_or(u64::MAX >> 1);
+        self.state.store((nanos << 1) | kind, Ordering::Release);
+    }
+
+    fn request_ended(&self) {
+        if self.open.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.begin(IDLE);
+            if self.http2.load(Ordering::Acquire) {
+                self.clock.wake();
+            }
+        }
+    }
+
+    /// When the current wait runs out, and which it is; `None` while a request is open.
+    fn deadline(&self) -> Option<(Instant, Expiry)> {
+        if self.open.load(Ordering::Acquire) > 0 {
+            return None;
+        }
+        let state = self.state.load(Ordering::Acquire);
+        let since = self.origin + Duration::from_nanos(state >> 1);
+        Some(if state & 1 == HEAD {
+            (since + self.settings.header_read_timeout, Expiry::Header)
+        } else {
+            (since + self.settings.idle_timeout, Expiry::Idle)
+        })
+    }
+}
+
+/// Keeps a connection busy while it lives (see [`Activity::request_opened`]).
+#[derive(Debug)]
+pub(super) struct OpenRequest(Arc<Activity>);
+
+impl Drop for OpenRequest {
+    fn drop(&mut self) {
+        self.0.request_ended();
+    }
+}
+
+/// Resolves when the connection's current wait runs out; never while a request is open.
+/// Polled beside the connection in the same task, after it (so it sees what the
+/// connection's last read changed).
+pub(super) struct ConnectionClock {
+    activity: Arc<Activity>,
+    sleep: Pin<Box<Sleep>>,
+}
+
+impl ConnectionClock {
+    pub(super) fn new(activity: Arc<Activity>) -> Self {
+        let first = Instant::now() + activity.settings.header_read_timeout;
+        Self {
+            activity,
+            sleep: Box::pin(tokio::time::sleep_until(first)),
+        }
+    }
+}
+
+impl Future for ConnectionClock {
+    type Output = Expiry;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Expiry> {
+        self.activity.clock.register(cx.waker());
+        let Some((deadline, expiry)) = self.activity.deadline() else {
+            return Poll::Pending;
+        };
+        if self.sleep.deadline() != deadline {
+            self.sleep.as_mut().reset(deadline);
+        }
+        self.sleep.as_mut().poll(cx).map(|()| expiry)
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A response body that keeps its connection busy until it ends (or is dropped).
+    pub(super) struct TrackedBody<B> {
+        #[pin]
+        inner: B,
+        _open: OpenRequest,
+    }
+}
+
+impl<B> TrackedBody<B> {
+    pub(super) fn new(inner: B, open: OpenRequest) -> Self {
+        Self { inner, _open: open }
+    }
+}
+
+impl<B: HttpBody<Data = Bytes>> HttpBody for TrackedBody<B> {
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        self.project().inner.poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings() -> Arc<Settings> {
+        let counter = || IntCounter::new("c", "c").unwrap();
+        Arc::new(Settings {
+            header_read_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(60),
+            read_timeout: Duration::from_secs(15),
+            write_timeout: Duration::from_secs(15),
+            expired: ExpiryCounters {
+                header: counter(),
+                idle: counter(),
+                body: counter(),
+                write: counter(),
+            },
+        })
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_new_connection_has_the_header_timeout_to_send_a_head() {
+        let activity = Arc::new(Activity::new(settings()));
+        let start = Instant::now();
+        let expiry = ConnectionClock::new(activity).await;
+        assert_eq!(expiry, Expiry::Header);
+        assert_eq!(start.elapsed(), Duration::from_secs(10));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_open_request_stops_the_clock_and_its_end_starts_the_idle_wait() {
+        let activity = Arc::new(Activity::new(settings()));
+        activity.preface_read();
+        let open = activity.request_opened();
+        let clock = tokio::spawn(ConnectionClock::new(activity.clone()));
+        // Far past both timeouts: nothing runs out while the request is open.
+        tokio::time::sleep(Duration::from_secs(600)).await;
+        assert!(!clock.is_finished());
+        let ended = Instant::now();
+        // Dropped on another task, as an HTTP/2 stream's body is: the clock is woken.
+        tokio::spawn(async move { drop(open) }).await.unwrap();
+        assert_eq!(clock.await.unwrap(), Expiry::Idle);
+        assert_eq!(ended.elapsed(), Duration::from_secs(60));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn bytes_on_an_idle_connection_start_the_next_head() {
+        let activity = Arc::new(Activity::new(settings()));
+        drop(activity.request_opened());
+        tokio::time::sleep(Duration::from_secs(30)).await;
+        activity.bytes_read();
+        let head = Instant::now();
+        assert_eq!(ConnectionClock::new(activity).await, Expiry::Header);
+        assert_eq!(head.elapsed(), Duration::from_secs(10));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_http2_preface_is_a_head_and_makes_the_connection_idle() {
+        let activity = Arc::new(Activity::new(settings()));
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        activity.preface_read();
+        // Later bytes (pings, settings) are not a new head on HTTP/2: the IO does not
+        // report them, so only the idle wait runs.
+        let preface = Instant::now();
+        assert_eq!(ConnectionClock::new(activity).await, Expiry::Idle);
+        assert_eq!(preface.elapsed(), Duration::from_secs(60));
+    }
+}
