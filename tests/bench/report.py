@@ -4,7 +4,7 @@
 usage: report.py RESULTS.tsv OUT.md OUT.svg
 
 RESULTS.tsv has one line per measurement: GROUP, TARGET, METRIC, VALUE (tab-separated).
-Groups: main, middleware, selector, routes, memory, tls, redis (numbers); meta, skip, note (text).
+Groups: main, middleware, selector, routes, memory, tls, redis, tracing (numbers); meta, skip, note (text).
 Every figure is shown as median [min–max] over the rounds.
 """
 
@@ -168,16 +168,18 @@ def scenario_table(data, out, group, title, variants, columns, baseline=None):
 
 def variants_title(group):
     return {"middleware": "config", "selector": "selector", "routes": "endpoints", "memory": "target",
-            "tls": "target", "redis": "ratelimit bucket"}[group]
+            "tls": "target", "redis": "ratelimit bucket", "tracing": "config"}[group]
 
 
 def scenarios(data, out):
     load_cols = [("rps", "req/s", "int"), ("p50_ms", "p50 ms", "ms"), ("p99_ms", "p99 ms", "ms"),
                  ("cpu_us", "CPU µs/req", "us"), ("errors", "errors", "int")]
-    if any(k[0] in ("middleware", "selector", "routes", "memory", "tls", "redis") for k in data):
+    if any(k[0] in ("middleware", "selector", "routes", "memory", "tls", "redis", "tracing") for k in data):
         out.append("## Gateway scenarios\n")
     scenario_table(data, out, "middleware", "Middleware chain (logging, cors, ratelimit, rewrite) vs bare",
                    ["bare", "chain"], load_cols + [("ir", "Ir/req", "int")], ("bare", "bare"))
+    scenario_table(data, out, "tracing", "tracing middleware (every request sampled, exported) vs bare",
+                   ["bare", "tracing"], load_cols + [("ir", "Ir/req", "int")], ("bare", "bare"))
     scenario_table(data, out, "redis", "ratelimit (never refusing) with a local bucket vs its bucket in Redis",
                    ["local", "redis"], load_cols + [("ir", "Ir/req", "int")], ("local", "local"))
     scenario_table(data, out, "selector", "Selector with one upstream slowed (p2c vs wrr)",
