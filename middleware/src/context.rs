@@ -79,10 +79,6 @@ pub struct RequestOptions {
     pub client_certificate: Option<Arc<ClientCertificate>>,
     /// State shared by every attempt of this request, and what runs when it finishes.
     pub scope: Arc<RequestScope>,
-    /// The authenticated client's id, set once by the middleware that let the request in
-    /// (`auth`: the OAuth token's `client_id`, a JWT's `client_id`/`azp`/`sub`), for the
-    /// middlewares around it (`analytics`). Shared by every attempt of the request.
-    pub client_id: Arc<OnceLock<String>>,
 }
 
 /// What one request's attempts share: the middleware chain runs once per attempt, so a
@@ -92,6 +88,11 @@ pub struct RequestOptions {
 pub struct RequestScope {
     values: Mutex<http::Extensions>,
     on_finish: Mutex<Vec<FinishFn>>,
+    /// The authenticated client's id, set once by the middleware that let the request in
+    /// (`auth`: the OAuth token's `client_id`, a JWT's `client_id`/`azp`/`sub`), for the
+    /// middlewares around it (`analytics`). It lives in the scope (one allocation per
+    /// request for both) because every attempt of the request shares it.
+    pub client_id: OnceLock<String>,
 }
 
 type FinishFn = Box<dyn FnOnce(u16) + Send>;
@@ -166,7 +167,6 @@ impl RequestOptions {
             backend: Arc::new(BackendSlot::default()),
             client_certificate: None,
             scope: Arc::new(RequestScope::default()),
-            client_id: Arc::default(),
         }
     }
 

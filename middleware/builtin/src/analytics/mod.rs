@@ -8,7 +8,7 @@
 //!   streamed bodies: both bodies are counted as they are polled
 //!   ([`observe`](middleware::hooks::observe)). `node` is the node the client picked
 //!   ([`RequestOptions::backend`]); `client` is the id an `auth` middleware recorded
-//!   ([`RequestOptions::client_id`]), else the peer's IP.
+//!   ([`RequestScope::client_id`](middleware::RequestScope)), else the peer's IP.
 //! - A request never waits for analytics: records go into a bounded queue with
 //!   `try_send`; a full queue, or a batch the collector or the file does not take, drops
 //!   records and counts them in `go_gateway_middleware_denied_total{middleware="analytics",
@@ -239,7 +239,7 @@ where
             path: request.uri().path().to_owned(),
             options: options.map(|o| Slots {
                 backend: o.backend.clone(),
-                client_id: o.client_id.clone(),
+                scope: o.scope.clone(),
                 peer: o.client_addr,
             }),
             rx_bytes: rx_bytes.clone(),
@@ -273,7 +273,7 @@ struct Pending {
 /// client picked and the client id an `auth` recorded.
 struct Slots {
     backend: Arc<BackendSlot>,
-    client_id: Arc<OnceLock<String>>,
+    scope: Arc<middleware::RequestScope>,
     peer: Option<SocketAddr>,
 }
 
@@ -282,7 +282,7 @@ impl Pending {
         let (node, client) = match &self.options {
             Some(slots) => (
                 slots.backend.get(),
-                match (slots.client_id.get(), slots.peer) {
+                match (slots.scope.client_id.get(), slots.peer) {
                     (Some(id), _) => Client::Id(id.clone()),
                     (None, Some(peer)) => Client::Ip(peer.ip()),
                     (None, None) => Client::Unknown,

@@ -270,7 +270,7 @@ impl Auth {
         if let Some(client_id) = client_id
             && let Some(options) = request.extensions().get::<RequestOptions>()
         {
-            let _ = options.client_id.set(client_id);
+            let _ = options.scope.client_id.set(client_id);
         }
     }
 
