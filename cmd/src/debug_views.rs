@@ -94,9 +94,19 @@ impl RouterSource for ProxySource {
                 host: route.host,
                 protocol: route.protocol,
                 backends: route.backends,
+                headers: matchers_json(&route.headers),
+                query: matchers_json(&route.query),
             })
             .collect()
     }
+}
+
+/// Matchers as the config file writes them.
+fn matchers_json(matchers: &[configs::Matcher]) -> Vec<Value> {
+    matchers
+        .iter()
+        .filter_map(|matcher| serde_json::to_value(matcher).ok())
+        .collect()
 }
 
 /// The service watcher's services, instances and appliers.

@@ -36,8 +36,8 @@ pub use duration::{DurationError, format_duration, parse_duration};
 pub use error::{ConfigError, Position};
 pub use loader::{FileLoader, Loaded, LoaderStatus};
 pub use model::{
-    Backend, Condition, Endpoint, Gateway, HeaderCondition, HealthCheck, Middleware, Protocol,
-    Retry, StatusRange, StatusRangeError, Tls,
+    Backend, Condition, Endpoint, Gateway, HeaderCondition, HealthCheck, Matcher, Middleware,
+    Protocol, Retry, StatusRange, StatusRangeError, Tls,
 };
 pub use parse::{PriorityConfig, merge_priority, parse, parse_priority};
 pub use validate::{SELECTORS, validate};

@@ -39,6 +39,7 @@ impl RouterSource for FakeRouter {
             host: String::new(),
             protocol: "HTTP".into(),
             backends: vec!["127.0.0.1:8000".into(), "discovery:///hello world".into()],
+            ..Route::default()
         }]
     }
 }

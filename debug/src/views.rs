@@ -91,6 +91,12 @@ pub struct Route {
     pub protocol: String,
     /// Configured backend targets.
     pub backends: Vec<String>,
+    /// Header matchers (`{name, value | regex | present}`), when the endpoint has some.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub headers: Vec<serde_json::Value>,
+    /// Query matchers, when the endpoint has some.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub query: Vec<serde_json::Value>,
 }
 
 /// The router source: the routes of the router in force.
