@@ -16,7 +16,7 @@ const REDACTED: &str = "(redacted)";
 
 /// Builds the mux with the config, router and watcher views.
 pub(crate) fn mux(
-    loader: configs::FileLoader,
+    loader: configs::ConfigLoader,
     current: Arc<ArcSwap<configs::Gateway>>,
     proxy: Arc<Proxy>,
     watcher: Option<Arc<client::ServiceWatcher>>,
@@ -37,7 +37,7 @@ pub(crate) fn mux(
 
 /// The file loader's status and the config in force (swapped in after each apply).
 struct LoaderSource {
-    loader: configs::FileLoader,
+    loader: configs::ConfigLoader,
     current: Arc<ArcSwap<configs::Gateway>>,
 }
 
