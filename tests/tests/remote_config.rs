@@ -218,6 +218,52 @@ async fn start_up_needs_a_reachable_valid_remote_config() {
     assert_eq!(error.lines().count(), 1, "{error}");
 }
 
+/// A local priority directory merges over the fetched file, and a change there is applied
+/// even while the server answers 304.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn priority_dir_merges_over_the_remote_config() {
+    let a = Upstream::named("a").await;
+    let b = Upstream::named("b").await;
+    let shared: Shared = Arc::new(Mutex::new(Served {
+        status: 200,
+        etag: "\"v1\"".into(),
+        body: routes_to(&a.target(), "v1"),
+        ..Served::default()
+    }));
+    let server = config_server("127.0.0.1:0".parse().expect("addr"), shared.clone()).await;
+    let url = format!("http://{}/gateway.yaml", server.addr);
+    let priority = tempfile::tempdir().expect("tempdir");
+    let file = priority.path().join("10-svc.yaml");
+    let write = |target: &str| {
+        let tmp = priority.path().join(".tmp");
+        std::fs::write(
+            &tmp,
+            format!("endpoints:\n{}", config::endpoint("/prio", target, "")),
+        )
+        .expect("write");
+        std::fs::rename(&tmp, &file).expect("rename");
+    };
+    write(&a.target());
+    let dir = priority.path().to_str().expect("utf-8").to_owned();
+    let gw = TestGateway::start_conf(&url, &["--priority-dir", &dir])
+        .await
+        .expect("starts");
+    assert_eq!(get(&gw.url("/svc")).await.body, "a");
+    assert_eq!(get(&gw.url("/prio")).await.body, "a");
+    write(&b.target());
+    assert_eventually!(Duration::from_secs(5), "the new priority route", || async {
+        get(&gw.url("/prio")).await.body == "b"
+    });
+    assert!(
+        lock(&shared)
+            .if_none_match
+            .iter()
+            .any(|tag| tag == "\"v1\"")
+    );
+    assert_eq!(get(&gw.url("/svc")).await.body, "a");
+    gw.stop().await.expect("clean stop");
+}
+
 /// Fetches are bounded: a server that never answers and a body over the limit are errors.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fetches_are_bounded_in_time_and_size() {
