@@ -17,7 +17,7 @@ const REDACTED: &str = "(redacted)";
 
 /// Builds the mux with the config, router, watcher and control-service views.
 pub(crate) fn mux(
-    loader: configs::FileLoader,
+    loader: configs::ConfigLoader,
     current: Arc<ArcSwap<configs::Gateway>>,
     proxy: Arc<Proxy>,
     watcher: Option<Arc<client::ServiceWatcher>>,
@@ -59,7 +59,7 @@ impl CtrlSource for CtrlAdapter {
 
 /// The file loader's status and the config in force (swapped in after each apply).
 struct LoaderSource {
-    loader: configs::FileLoader,
+    loader: configs::ConfigLoader,
     current: Arc<ArcSwap<configs::Gateway>>,
 }
 
@@ -117,9 +117,19 @@ impl RouterSource for ProxySource {
                 protocol: route.protocol,
                 backends: route.backends,
                 timeout: route.timeout,
+                headers: matchers_json(&route.headers),
+                query: matchers_json(&route.query),
             })
             .collect()
     }
+}
+
+/// Matchers as the config file writes them.
+fn matchers_json(matchers: &[configs::Matcher]) -> Vec<Value> {
+    matchers
+        .iter()
+        .filter_map(|matcher| serde_json::to_value(matcher).ok())
+        .collect()
 }
 
 /// The service watcher's services, instances and appliers.

@@ -22,7 +22,8 @@ use tokio_util::sync::CancellationToken;
 #[derive(Debug, Parser)]
 #[command(name = "gateway", version, about)]
 pub struct Cli {
-    /// Config file (YAML, go-kratos/gateway format).
+    /// Config file (YAML, go-kratos/gateway format), or an http(s):// URL polled with
+    /// If-None-Match every --reload-interval.
     #[arg(long, default_value = "configs/gateway.yaml")]
     pub conf: PathBuf,
     /// Address to listen on; repeat for several.
@@ -272,12 +273,11 @@ async fn serve_until_shutdown(
     if let Some(dsn) = &cli.redis {
         middleware_builtin::redis_store::check_dsn(dsn).map_err(|err| format!("--redis: {err}"))?;
     }
-    let loader = configs::FileLoader::new(cli.conf.clone(), cli.priority_dir.clone());
-    // The first load waits for the file to settle (two equal reads), so off the runtime.
-    let first_load = loader.clone();
-    let loaded = tokio::task::spawn_blocking(move || first_load.load())
+    // A file, or an http(s):// URL (fetched now, then polled).
+    let loader = configs::ConfigLoader::new(&cli.conf.to_string_lossy(), cli.priority_dir.clone());
+    let loaded = loader
+        .load()
         .await
-        .map_err(|err| format!("config: {err}"))?
         .map_err(|err| format!("config: {err}"))?;
     let certificates = match tls_pairs {
         Some(pairs) => Some(

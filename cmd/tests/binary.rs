@@ -60,6 +60,22 @@ fn invalid_config_exits_2_naming_file_and_line() {
 }
 
 #[test]
+fn unreachable_remote_config_exits_2_naming_the_url() {
+    let port = TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .expect("free port")
+        .port();
+    let url = format!("http://127.0.0.1:{port}/gateway.yaml");
+    let (code, stderr) = run_to_exit(&["--conf", &url, "--addr", "127.0.0.1:0"]);
+    assert_eq!(code, 2, "{stderr}");
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.starts_with(&format!("gateway: config: {url}: cannot fetch")),
+        "{stderr}"
+    );
+}
+
+#[test]
 fn unparsable_dsn_exits_2() {
     let (_dir, path) = write_temp("ok.yaml", "name: t\nendpoints: []\n");
     let (code, stderr) = run_to_exit(&[

@@ -58,6 +58,15 @@ pub enum ConfigError {
         /// The main config file.
         path: PathBuf,
     },
+    /// A remote config (`--conf http(s)://...`) could not be fetched: refused, timed out,
+    /// a non-2xx answer, a body over the limit.
+    #[error("{url}: {message}")]
+    Fetch {
+        /// The URL.
+        url: String,
+        /// What went wrong, on one line.
+        message: String,
+    },
     /// The config parsed but breaks a rule: bad target, duplicate route, missing backends...
     #[error("{}", Located { file: file.as_deref(), position: *position, message: &format!("{field}: {message}") })]
     Invalid {
@@ -81,15 +90,17 @@ impl ConfigError {
             | ConfigError::Unsettled { path } => Some(path),
             ConfigError::Parse { file, .. } => Some(file),
             ConfigError::Invalid { file, .. } => file.as_deref(),
+            ConfigError::Fetch { url, .. } => Some(Path::new(url)),
         }
     }
 
     /// Line and column of the error, if known.
     pub fn position(&self) -> Option<Position> {
         match self {
-            ConfigError::Io { .. } | ConfigError::Empty { .. } | ConfigError::Unsettled { .. } => {
-                None
-            }
+            ConfigError::Io { .. }
+            | ConfigError::Empty { .. }
+            | ConfigError::Unsettled { .. }
+            | ConfigError::Fetch { .. } => None,
             ConfigError::Parse { position, .. } | ConfigError::Invalid { position, .. } => {
                 *position
             }

@@ -5,6 +5,8 @@
 //! parse(text, file)  -> Gateway          parse + validate one file, errors as file:line:col
 //! FileLoader::load   -> Loaded           main file + priority directory, merged, validated
 //! FileLoader::watch                      poll the hash, load and apply on change
+//! RemoteLoader::{load, watch}            the same for an http(s):// URL (ETag, 304)
+//! ConfigLoader::new(conf, priority_dir)  one or the other, by the scheme of `conf`
 //! ```
 //!
 //! Field names are accepted in camelCase (Kratos/protojson) and snake_case; unknown fields
@@ -30,14 +32,18 @@ mod error;
 mod loader;
 mod model;
 mod parse;
+mod remote;
+mod source;
 mod validate;
 
 pub use duration::{DurationError, format_duration, parse_duration};
 pub use error::{ConfigError, Position};
 pub use loader::{FileLoader, Loaded, LoaderStatus, rfc3339};
 pub use model::{
-    Backend, Condition, Endpoint, Gateway, HeaderCondition, HealthCheck, Middleware, Protocol,
-    Retry, StatusRange, StatusRangeError, Tls,
+    Backend, Condition, Endpoint, Gateway, HeaderCondition, HealthCheck, Matcher, Middleware,
+    Protocol, Retry, StatusRange, StatusRangeError, Tls,
 };
 pub use parse::{PriorityConfig, merge_priority, parse, parse_priority};
+pub use remote::{DEFAULT_FETCH_TIMEOUT, DEFAULT_MAX_BODY, RemoteLoader};
+pub use source::ConfigLoader;
 pub use validate::{SELECTORS, validate};

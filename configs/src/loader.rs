@@ -81,25 +81,43 @@ struct Inner {
 }
 
 #[derive(Debug, Default)]
-struct State {
-    sha256: String,
-    version: String,
-    loaded_at: Option<SystemTime>,
-    reloads: u64,
-    last_error: Option<String>,
-    skipped: Vec<String>,
+pub(crate) struct State {
+    pub(crate) sha256: String,
+    pub(crate) version: String,
+    pub(crate) loaded_at: Option<SystemTime>,
+    pub(crate) reloads: u64,
+    pub(crate) last_error: Option<String>,
+    pub(crate) skipped: Vec<String>,
     /// The hash (or read error) that last failed, so `watch` reports it once, not every tick.
-    rejected: Option<String>,
+    pub(crate) rejected: Option<String>,
 }
 
 /// The bytes of every input file, read once so the hash and the parse see the same content.
-struct Sources {
+pub(crate) struct Sources {
     main: Vec<u8>,
     priority: Vec<(PathBuf, Vec<u8>)>,
-    sha256: String,
+    pub(crate) sha256: String,
 }
 
 impl Sources {
+    /// The main config's bytes and the priority files', hashed as [`Loaded::sha256`] says.
+    pub(crate) fn new(main: Vec<u8>, priority: Vec<(PathBuf, Vec<u8>)>) -> Self {
+        let mut hasher = Sha256::new();
+        hasher.update(&main);
+        for (path, content) in &priority {
+            let name = path.file_name().unwrap_or_default().to_string_lossy();
+            hasher.update(name.as_bytes());
+            hasher.update([0]);
+            hasher.update((content.len() as u64).to_le_bytes());
+            hasher.update(content);
+        }
+        Sources {
+            main,
+            priority,
+            sha256: hex::encode(hasher.finalize()),
+        }
+    }
+
     /// Same bytes in every file (the hash is not trusted for this: it is what is compared).
     fn same_content(&self, other: &Sources) -> bool {
         self.main == other.main && self.priority == other.priority
@@ -322,74 +340,76 @@ impl FileLoader {
             Some(dir) => read_priority_dir(dir)?,
             None => Vec::new(),
         };
-        let mut hasher = Sha256::new();
-        hasher.update(&main);
-        for (path, content) in &priority {
-            let name = path.file_name().unwrap_or_default().to_string_lossy();
-            hasher.update(name.as_bytes());
-            hasher.update([0]);
-            hasher.update((content.len() as u64).to_le_bytes());
-            hasher.update(content);
-        }
-        Ok(Sources {
-            main,
-            priority,
-            sha256: hex::encode(hasher.finalize()),
-        })
+        Ok(Sources::new(main, priority))
     }
 
     /// Parses, merges and validates what `read_sources` read. An empty main file is refused:
     /// it is far more likely a file caught mid-write than a wish to drop every route.
     fn build(&self, sources: &Sources) -> Result<Loaded, ConfigError> {
-        let conf = &self.inner.conf;
-        let text = utf8(&sources.main, conf)?;
-        if is_blank_document(text) {
-            return Err(ConfigError::Empty { path: conf.clone() });
-        }
-        let mut gateway = parse(text, conf)?;
-        let mut skipped = Vec::new();
-        let mut merged = 0;
-        for (path, content) in &sources.priority {
-            let priority = match utf8(content, path).and_then(|text| parse_priority(text, path)) {
-                Ok(priority) => priority,
-                Err(error) => {
-                    tracing::warn!(%error, "priority config skipped; the other files are merged");
-                    skipped.push(error.to_string());
-                    continue;
-                }
-            };
-            merged += 1;
-            tracing::debug!(
-                file = %path.display(),
-                endpoints = priority.endpoints.len(),
-                "merging priority config"
-            );
-            merge_priority(&mut gateway, priority.endpoints);
-        }
-        if merged > 0 {
-            // Each file was checked on its own; this catches what only the merge reveals
-            // (e.g. a priority backend naming a tlsStore entry the main file lacks).
-            validate(&gateway).map_err(|error| match error {
-                ConfigError::Invalid { field, message, .. } => ConfigError::Invalid {
-                    file: self.inner.priority_dir.clone(),
-                    position: None,
-                    field,
-                    message: format!("{message} (after merging the priority directory)"),
-                },
-                other => other,
-            })?;
-        }
-        Ok(Loaded {
-            gateway,
-            sha256: sources.sha256.clone(),
-            loaded_at: SystemTime::now(),
-            skipped,
-        })
+        build(
+            &self.inner.conf,
+            self.inner.priority_dir.as_deref(),
+            sources,
+        )
     }
 }
 
+/// Parses, merges and validates `sources`: `conf` names the main config in errors (a path
+/// or a URL), `priority_dir` the directory its priority files came from.
+pub(crate) fn build(
+    conf: &Path,
+    priority_dir: Option<&Path>,
+    sources: &Sources,
+) -> Result<Loaded, ConfigError> {
+    let text = utf8(&sources.main, conf)?;
+    if is_blank_document(text) {
+        return Err(ConfigError::Empty {
+            path: conf.to_path_buf(),
+        });
+    }
+    let mut gateway = parse(text, conf)?;
+    let mut skipped = Vec::new();
+    let mut merged = 0;
+    for (path, content) in &sources.priority {
+        let priority = match utf8(content, path).and_then(|text| parse_priority(text, path)) {
+            Ok(priority) => priority,
+            Err(error) => {
+                tracing::warn!(%error, "priority config skipped; the other files are merged");
+                skipped.push(error.to_string());
+                continue;
+            }
+        };
+        merged += 1;
+        tracing::debug!(
+            file = %path.display(),
+            endpoints = priority.endpoints.len(),
+            "merging priority config"
+        );
+        merge_priority(&mut gateway, priority.endpoints);
+    }
+    if merged > 0 {
+        // Each file was checked on its own; this catches what only the merge reveals
+        // (e.g. a priority backend naming a tlsStore entry the main file lacks).
+        validate(&gateway).map_err(|error| match error {
+            ConfigError::Invalid { field, message, .. } => ConfigError::Invalid {
+                file: priority_dir.map(Path::to_path_buf),
+                position: None,
+                field,
+                message: format!("{message} (after merging the priority directory)"),
+            },
+            other => other,
+        })?;
+    }
+    Ok(Loaded {
+        gateway,
+        sha256: sources.sha256.clone(),
+        loaded_at: SystemTime::now(),
+        skipped,
+    })
+}
+
 /// The parts of a `Loaded` the status keeps after `apply` consumed it.
-struct Summary {
+pub(crate) struct Summary {
     sha256: String,
     version: String,
     loaded_at: SystemTime,
@@ -397,7 +417,7 @@ struct Summary {
 }
 
 impl Summary {
-    fn of(loaded: &Loaded) -> Self {
+    pub(crate) fn of(loaded: &Loaded) -> Self {
         Summary {
             sha256: loaded.sha256.clone(),
             version: loaded.gateway.version.clone(),
@@ -408,11 +428,11 @@ impl Summary {
 }
 
 impl State {
-    fn record_success(&mut self, loaded: &Loaded) {
+    pub(crate) fn record_success(&mut self, loaded: &Loaded) {
         self.record(&Summary::of(loaded));
     }
 
-    fn record_reload(&mut self, summary: &Summary) {
+    pub(crate) fn record_reload(&mut self, summary: &Summary) {
         self.record(summary);
         self.reloads += 1;
     }
@@ -429,7 +449,7 @@ impl State {
 
 /// The `*.yaml`/`*.yml` files of `dir` (not hidden, not directories), sorted by name, with
 /// their content. A directory that does not exist holds no files.
-fn read_priority_dir(dir: &Path) -> Result<Vec<(PathBuf, Vec<u8>)>, ConfigError> {
+pub(crate) fn read_priority_dir(dir: &Path) -> Result<Vec<(PathBuf, Vec<u8>)>, ConfigError> {
     let io_error = |path: &Path| {
         let path = path.to_path_buf();
         move |source| ConfigError::Io { path, source }

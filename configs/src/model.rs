@@ -159,6 +159,31 @@ pub struct Endpoint {
     /// Load-balancing algorithm: `p2c` (default when empty), `wrr` or `random`.
     /// An extension of ours, not in the Kratos proto.
     pub selector: String,
+    /// Request headers that must all match (extension): such an endpoint is tried before
+    /// one without matchers on the same path, method and host.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub headers: Vec<Matcher>,
+    /// Query parameters (percent-decoded) that must all match (extension), as `headers`.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub query: Vec<Matcher>,
+}
+
+/// One header or query condition of an endpoint: exactly one of `value`, `regex` and
+/// `present: true`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Matcher {
+    /// Header name (case-insensitive) or query parameter name (exact).
+    pub name: String,
+    /// Some value equals this exactly.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub value: Option<String>,
+    /// Some value matches this regex whole (anchored like path constraints).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub regex: Option<String>,
+    /// `true`: the header or parameter is there, with any value.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub present: Option<bool>,
 }
 
 /// A middleware reference: which factory builds it and the options it gets.

@@ -15,7 +15,7 @@ use serde::de::{self, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde_saphyr::Spanned;
 
 use crate::error::{ConfigError, Position};
-use crate::model::{Backend, Condition, Endpoint, Gateway, Middleware};
+use crate::model::{Backend, Condition, Endpoint, Gateway, Matcher, Middleware};
 
 /// Load-balancing algorithms an endpoint's `selector` may name ("" = the default, p2c).
 pub const SELECTORS: [&str; 4] = ["", "p2c", "wrr", "random"];
@@ -30,7 +30,9 @@ pub const SELECTORS: [&str; 4] = ["", "p2c", "wrr", "random"];
 /// - `selector` empty, `p2c`, `wrr` or `random`; middlewares have a name;
 /// - `retry.attempts` at least 1 (left out, it is 1);
 /// - each retry condition has exactly one of `byStatusCode` (within 100-599, from <= to)
-///   and `byHeader` (with a name).
+///   and `byHeader` (with a name);
+/// - each `headers`/`query` matcher has a name (a header name for headers) and exactly one
+///   of `value`, `regex` (that compiles) and `present: true`.
 ///
 /// Errors name the offending field (`endpoints[0].backends[1].target`) but carry no file
 /// position; [`crate::parse`] adds that.
@@ -150,7 +152,7 @@ pub(crate) fn check_endpoints(endpoints: &[Endpoint], path: &FieldPath) -> Resul
             return Err(Issue::new(
                 here,
                 format!(
-                    "duplicate endpoint {}: the same method, path and host as endpoints[{first}]",
+                    "duplicate endpoint {}: the same method, path, host and matchers as endpoints[{first}]",
                     RouteKey::of(endpoint)
                 ),
             ));
@@ -159,21 +161,45 @@ pub(crate) fn check_endpoints(endpoints: &[Endpoint], path: &FieldPath) -> Resul
     Ok(())
 }
 
-/// What makes two endpoints the same route: method (case-insensitive), path and host.
+/// What makes two endpoints the same route: method (case-insensitive), path, host and the
+/// set of header (names case-insensitive) and query matchers.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub(crate) struct RouteKey {
     method: String,
     path: String,
     host: String,
+    headers: Vec<Matcher>,
+    query: Vec<Matcher>,
 }
 
 impl RouteKey {
     /// The route key of `endpoint`.
     pub(crate) fn of(endpoint: &Endpoint) -> Self {
+        let sorted = |matchers: &[Matcher], lower: bool| {
+            let mut matchers: Vec<Matcher> = matchers
+                .iter()
+                .map(|matcher| Matcher {
+                    name: if lower {
+                        matcher.name.to_ascii_lowercase()
+                    } else {
+                        matcher.name.clone()
+                    },
+                    ..matcher.clone()
+                })
+                .collect();
+            matchers.sort_by(|a, b| {
+                (&a.name, &a.value, &a.regex, a.present)
+                    .cmp(&(&b.name, &b.value, &b.regex, b.present))
+            });
+            matchers.dedup();
+            matchers
+        };
         RouteKey {
             method: endpoint.method.to_ascii_uppercase(),
             path: endpoint.path.clone(),
             host: endpoint.host.to_ascii_lowercase(),
+            headers: sorted(&endpoint.headers, true),
+            query: sorted(&endpoint.query, false),
         }
     }
 }
@@ -188,6 +214,10 @@ impl fmt::Display for RouteKey {
         write!(f, "{method} {}", self.path)?;
         if !self.host.is_empty() {
             write!(f, " (host {})", self.host)?;
+        }
+        let count = self.headers.len() + self.query.len();
+        if count > 0 {
+            write!(f, " (with {count} header/query matchers)")?;
         }
         Ok(())
     }
@@ -231,6 +261,12 @@ fn check_endpoint(endpoint: &Endpoint, path: &FieldPath) -> Result<(), Issue> {
     for (i, backend) in endpoint.backends.iter().enumerate() {
         check_backend(backend, &path.key("backends").index(i))?;
     }
+    for (i, matcher) in endpoint.headers.iter().enumerate() {
+        check_matcher(matcher, true, &path.key("headers").index(i))?;
+    }
+    for (i, matcher) in endpoint.query.iter().enumerate() {
+        check_matcher(matcher, false, &path.key("query").index(i))?;
+    }
     if let Some(retry) = &endpoint.retry {
         if retry.attempts == 0 {
             return Err(Issue::new(
@@ -241,6 +277,50 @@ fn check_endpoint(endpoint: &Endpoint, path: &FieldPath) -> Result<(), Issue> {
         let conditions = path.key("retry").key("conditions");
         for (i, condition) in retry.conditions.iter().enumerate() {
             check_condition(condition, &conditions.index(i))?;
+        }
+    }
+    Ok(())
+}
+
+/// A name, and exactly one of `value`, `regex` (compiling, anchored) and `present: true`.
+fn check_matcher(matcher: &Matcher, header: bool, path: &FieldPath) -> Result<(), Issue> {
+    if matcher.name.is_empty() {
+        return Err(Issue::new(path.key("name"), "a matcher needs a name"));
+    }
+    if header && !matcher.name.bytes().all(is_token_byte) {
+        return Err(Issue::new(
+            path.key("name"),
+            format!("invalid header name {:?}", matcher.name),
+        ));
+    }
+    if matcher.present == Some(false) {
+        return Err(Issue::new(
+            path.key("present"),
+            "present must be true (leave the matcher out to not require anything)",
+        ));
+    }
+    let set = [
+        matcher.value.is_some(),
+        matcher.regex.is_some(),
+        matcher.present.is_some(),
+    ];
+    if set.iter().filter(|set| **set).count() != 1 {
+        return Err(Issue::new(
+            path.clone(),
+            format!(
+                "matcher {:?} needs exactly one of value, regex and present: true",
+                matcher.name
+            ),
+        ));
+    }
+    if let Some(source) = &matcher.regex {
+        if let Err(error) = regex::Regex::new(&format!("^(?:{source})$")) {
+            let reason = error.to_string();
+            let reason = reason.lines().last().unwrap_or("invalid regex").trim();
+            return Err(Issue::new(
+                path.key("regex"),
+                format!("invalid regex {source:?}: {reason}"),
+            ));
         }
     }
     Ok(())
@@ -651,5 +731,99 @@ mod tests {
         let missing = FieldPath::default().key("endpoints").index(0).key("retry");
         assert_eq!(tree.find(&missing), Some(Position { line: 2, column: 5 }));
         assert_eq!(target.to_string(), "endpoints[0].backends[0].target");
+    }
+}
+
+#[cfg(test)]
+mod matcher_tests {
+    use std::path::Path;
+
+    use crate::parse;
+
+    const HEAD: &str = "endpoints:\n  - path: /pay\n    backends: [{target: 127.0.0.1:1}]\n";
+
+    #[test]
+    fn matcher_errors_name_file_line_and_field() {
+        for (extra, field, line, why) in [
+            (
+                "    headers:\n      - {name: x-a}\n",
+                "endpoints[0].headers[0]",
+                5,
+                "exactly one of",
+            ),
+            (
+                "    headers:\n      - {name: x-a, value: b, present: true}\n",
+                "endpoints[0].headers[0]",
+                5,
+                "exactly one of",
+            ),
+            (
+                "    query:\n      - {name: v, regex: '('}\n",
+                "endpoints[0].query[0].regex",
+                5,
+                "invalid regex",
+            ),
+            (
+                "    headers:\n      - {name: 'a b', present: true}\n",
+                "endpoints[0].headers[0].name",
+                5,
+                "header name",
+            ),
+            (
+                "    query:\n      - {value: x}\n",
+                "endpoints[0].query[0].name",
+                5,
+                "needs a name",
+            ),
+            (
+                "    query:\n      - {name: v, present: false}\n",
+                "endpoints[0].query[0].present",
+                5,
+                "must be true",
+            ),
+        ] {
+            let text = format!("{HEAD}{extra}");
+            let error = parse(&text, Path::new("g.yaml"))
+                .expect_err(extra)
+                .to_string();
+            assert!(error.starts_with(&format!("g.yaml:{line}:")), "{error}");
+            assert!(error.contains(&format!("{field}: ")), "{error}");
+            assert!(error.contains(why), "{error}");
+        }
+        let unknown = parse(
+            &format!("{HEAD}    headers: [{{name: a, valu: b}}]\n"),
+            Path::new("g.yaml"),
+        )
+        .expect_err("unknown key");
+        assert!(unknown.to_string().contains("valu"), "{unknown}");
+    }
+
+    #[test]
+    fn duplicates_take_matchers_into_account() {
+        let two = |a: &str, b: &str| {
+            format!(
+                "endpoints:\n  - path: /pay\n    backends: [{{target: 127.0.0.1:1}}]\n{a}  - path: /pay\n    backends: [{{target: 127.0.0.1:2}}]\n{b}"
+            )
+        };
+        let header =
+            |value: &str, case: &str| format!("    headers: [{{name: {case}, value: {value}}}]\n");
+        parse(
+            &two(&header("a", "x-t"), &header("b", "x-t")),
+            Path::new("g.yaml"),
+        )
+        .expect("different matchers");
+        parse(&two("", &header("a", "x-t")), Path::new("g.yaml")).expect("plain and matcher");
+        let error = parse(
+            &two(&header("a", "x-t"), &header("a", "X-T")),
+            Path::new("g.yaml"),
+        )
+        .expect_err("same matchers")
+        .to_string();
+        assert!(error.contains("duplicate endpoint"), "{error}");
+        assert!(error.contains("endpoints[1]"), "{error}");
+        let error = parse(&two("", ""), Path::new("g.yaml"))
+            .expect_err("plain twice")
+            .to_string();
+        assert!(error.contains("duplicate endpoint"), "{error}");
     }
 }

@@ -40,6 +40,7 @@ impl RouterSource for FakeRouter {
             protocol: "HTTP".into(),
             backends: vec!["127.0.0.1:8000".into(), "discovery:///hello world".into()],
             timeout: "1s".into(),
+            ..Route::default()
         }]
     }
 }

@@ -93,6 +93,12 @@ pub struct Route {
     pub backends: Vec<String>,
     /// The endpoint timeout in force, as a Go duration (`1s` when the config sets none).
     pub timeout: String,
+    /// Header matchers (`{name, value | regex | present}`), when the endpoint has some.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub headers: Vec<serde_json::Value>,
+    /// Query matchers, when the endpoint has some.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub query: Vec<serde_json::Value>,
 }
 
 /// The router source: the routes of the router in force.

@@ -29,7 +29,7 @@ use http::{Request, Response, Uri};
 use http_body_util::BodyExt;
 use middleware::{Body, BoxError, BuildContext, EndpointInfo, Registry};
 use router::path::PathError;
-use router::{MuxRouter, RouteMatch, Router};
+use router::{MatchRule, MatchSource, MatchTest, MuxRouter, RequestParts, RouteMatch, Router};
 use serde::Serialize;
 
 pub use edge::Edge;
@@ -90,6 +90,10 @@ pub struct RouteInfo {
     pub backends: Vec<String>,
     /// The endpoint timeout in force, as a Go duration (`1s` when the config sets none).
     pub timeout: String,
+    /// Header matchers of the endpoint (empty for most).
+    pub headers: Vec<configs::Matcher>,
+    /// Query matchers of the endpoint (empty for most).
+    pub query: Vec<configs::Matcher>,
 }
 
 struct RouterState {
@@ -212,10 +216,11 @@ impl Proxy {
             let handler = self.build_endpoint(config, endpoint, &name)?;
             let closer_handler = handler.clone();
             router
-                .handle(
+                .handle_matching(
                     &endpoint.path,
                     &endpoint.method,
                     &endpoint.host,
+                    match_rules(endpoint),
                     handler,
                     Some(Box::new(move || closer_handler.close())),
                 )
@@ -230,6 +235,8 @@ impl Proxy {
                 protocol: endpoint.protocol.as_str().into(),
                 backends: endpoint.backends.iter().map(|b| b.target.clone()).collect(),
                 timeout: configs::format_duration(endpoint::effective_timeout(endpoint.timeout)),
+                headers: endpoint.headers.clone(),
+                query: endpoint.query.clone(),
             });
         }
         Ok(())
@@ -334,14 +341,21 @@ impl Proxy {
             ""
         };
         let path = req.uri().path();
-        let handler = match state.router.route(req.method().as_str(), host, path) {
+        // Headers and query are read only if a candidate route has matchers.
+        let parts = RequestView(&req);
+        let handler = match state
+            .router
+            .route_request(req.method().as_str(), host, path, &parts)
+        {
             RouteMatch::Found(handler) => handler.clone(),
             RouteMatch::NotFound => {
                 self.metrics.count_unmatched(req.method(), 404);
                 return error_response(&ProxyError::NotFound, Dialect::of_request(&req));
             }
             RouteMatch::MethodNotAllowed => {
-                match preflight_method(&req).map(|method| state.router.route(method, host, path)) {
+                match preflight_method(&req)
+                    .map(|method| state.router.route_request(method, host, path, &parts))
+                {
                     // A CORS preflight goes to the endpoint of the method it asks about, when
                     // a middleware there declares that it answers preflights.
                     Some(RouteMatch::Found(handler)) if handler.answers_preflight() => {
@@ -407,6 +421,42 @@ fn endpoint_name(endpoint: &configs::Endpoint) -> String {
         &endpoint.method
     };
     format!("{method} {}{}", endpoint.host, endpoint.path)
+}
+
+/// The router's rules for an endpoint's `headers:` and `query:` (validated by `configs`).
+fn match_rules(endpoint: &configs::Endpoint) -> Vec<MatchRule> {
+    let rule = |source, matcher: &configs::Matcher| MatchRule {
+        source,
+        name: matcher.name.clone(),
+        test: match (&matcher.value, &matcher.regex) {
+            (Some(value), _) => MatchTest::Value(value.clone()),
+            (None, Some(regex)) => MatchTest::Regex(regex.clone()),
+            (None, None) => MatchTest::Present,
+        },
+    };
+    let headers = endpoint
+        .headers
+        .iter()
+        .map(|m| rule(MatchSource::Header, m));
+    let query = endpoint.query.iter().map(|m| rule(MatchSource::Query, m));
+    headers.chain(query).collect()
+}
+
+/// A request's headers and query as the router's matchers read them.
+struct RequestView<'r, B>(&'r Request<B>);
+
+impl<B> RequestParts for RequestView<'_, B> {
+    fn header_values(&self, name: &str) -> impl Iterator<Item = &[u8]> {
+        self.0
+            .headers()
+            .get_all(name)
+            .iter()
+            .map(http::HeaderValue::as_bytes)
+    }
+
+    fn raw_query(&self) -> Option<&str> {
+        self.0.uri().query()
+    }
 }
 
 /// The method a CORS preflight (`OPTIONS` with `Access-Control-Request-Method`) asks about.

@@ -45,7 +45,16 @@
 //! 3. among prefix patterns, the longest fixed part first (`/api/echo/*` before `/api/*`
 //!    for `/api/echo/x`), then rule 2 between fixed parts of equal length;
 //! 4. patterns of the same shape (`/x/{id:[0-9]+}` and `/x/{name:[a-z]+}`, or `/x/{a}`
-//!    for GET and `/x/{b}` for POST): host-specific first, then registration order.
+//!    for GET and `/x/{b}` for POST): host-specific first, then routes with more header
+//!    and query matchers first, then registration order.
+//!
+//! Header and query matchers ([`MuxRouter::handle_matching`], [`MatchRule`]) are further
+//! conditions, all of which must hold: a header or query parameter with a given value, a
+//! value matching an anchored regex, or merely present. A route whose matchers fail is
+//! skipped like one for another host (it never causes a 405), so on one path a route with
+//! matchers is tried before the plain one, which takes the rest. Only lookups through
+//! [`MuxRouter::route_request`] see headers and query; they are read only when a candidate
+//! route has matchers, so tables without any never pay for them.
 //!
 //! A route takes the request only if its constraints, host and method all match;
 //! otherwise the next route in that order is tried, so a GET-only `/api/users` lets a POST
@@ -65,6 +74,7 @@
 #![forbid(unsafe_code)]
 
 mod inflight;
+mod matcher;
 mod mux;
 pub mod path;
 mod pattern;
@@ -73,6 +83,7 @@ use std::future::Future;
 use std::time::Duration;
 
 pub use inflight::InFlight;
+pub use matcher::{MatchRule, MatchSource, MatchTest, NoParts, RequestParts};
 pub use mux::{MuxRouter, RouteEntry};
 
 /// Runs once when the router is closed (after in-flight requests drained or the grace expired).

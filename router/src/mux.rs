@@ -6,6 +6,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use crate::inflight::{InFlight, Lifecycle};
+use crate::matcher::{MatchRule, Matchers, NoParts, RequestParts};
 use crate::pattern::{Constraints, Pattern, Regexes};
 use crate::{Closer, RouteError, RouteMatch, Router};
 
@@ -40,6 +41,8 @@ pub struct RouteEntry<'a, H> {
     pub method: Option<&'a str>,
     /// The host (lower case, without port), or `None` for any host.
     pub host: Option<&'a str>,
+    /// The header and query matchers (normalised, sorted); empty for most routes.
+    pub matchers: &'a [MatchRule],
     /// The handler.
     pub handler: &'a H,
 }
@@ -52,6 +55,8 @@ struct Route<H> {
     host: Option<HostName>,
     /// The pattern's regexes, checked against matchit's captures.
     constraints: Constraints,
+    /// Header and query conditions; routes with more are tried first.
+    matchers: Matchers,
     pattern: Pattern,
 }
 
@@ -124,10 +129,12 @@ impl<H> Route<H> {
     }
 }
 
-/// The request as the tables see it: method and host as given.
-struct Request<'r> {
+/// The request as the tables see it: method and host as given; headers and query only
+/// through `parts`, for routes with matchers.
+struct Request<'r, P: ?Sized> {
     method: &'r str,
     host: &'r str,
+    parts: &'r P,
 }
 
 /// What a scan of candidate routes concluded.
@@ -139,8 +146,15 @@ struct Verdict {
 
 impl Verdict {
     /// Checks one route whose path shape already matched; returns it if it takes the request.
-    fn offer<'a, H>(&mut self, route: &'a Route<H>, request: &Request<'_>) -> Option<&'a H> {
+    fn offer<'a, H, P: RequestParts + ?Sized>(
+        &mut self,
+        route: &'a Route<H>,
+        request: &Request<'_, P>,
+    ) -> Option<&'a H> {
         if !route.host_matches(request.host) {
+            return None;
+        }
+        if route.matchers.len() > 0 && !route.matchers.hold(request.parts) {
             return None;
         }
         if route.method_matches(request.method) {
@@ -198,16 +212,15 @@ impl Slot {
         std::iter::once(self.first).chain(self.more.iter().copied())
     }
 
-    /// Adds `id`, before the first host-less route if `host_specific`.
-    fn add<H>(&mut self, routes: &[Route<H>], id: usize, host_specific: bool) {
+    /// Adds `id` in trial order: host-specific routes first, then routes with more
+    /// matchers, then registration order.
+    fn add<H>(&mut self, routes: &[Route<H>], id: usize) {
         let mut ids: Vec<usize> = self.ids().collect();
-        let position = if host_specific {
-            ids.iter()
-                .position(|&other| routes[other].host.is_none())
-                .unwrap_or(ids.len())
-        } else {
-            ids.len()
-        };
+        let rank = |id: usize| slot_rank(&routes[id]);
+        let position = ids
+            .iter()
+            .position(|&other| rank(other) > rank(id))
+            .unwrap_or(ids.len());
         ids.insert(position, id);
         self.first = ids.remove(0);
         self.more = ids;
@@ -246,7 +259,7 @@ impl Table {
         let route = &routes[id];
         let key = route.pattern.key();
         match self.keys.get(key.as_str()) {
-            Some(&slot) => self.slots[slot].add(routes, id, route.host.is_some()),
+            Some(&slot) => self.slots[slot].add(routes, id),
             None => {
                 let slot = self.slots.len();
                 if key.is_empty() {
@@ -289,11 +302,11 @@ impl Table {
 
     /// Finds the first route in priority order that takes a request for exactly `path`
     /// (a whole path, or a truncation of one for the prefix table).
-    fn lookup<'a, H>(
+    fn lookup<'a, H, P: RequestParts + ?Sized>(
         &self,
         routes: &'a [Route<H>],
         path: &str,
-        request: &Request<'_>,
+        request: &Request<'_, P>,
         verdict: &mut Verdict,
     ) -> Option<&'a H> {
         let slot = if path.is_empty() {
@@ -354,7 +367,7 @@ impl Table {
                 let (ra, rb) = (&routes[a], &routes[b]);
                 ra.pattern
                     .priority_cmp(&rb.pattern)
-                    .then_with(|| rb.host.is_some().cmp(&ra.host.is_some()))
+                    .then_with(|| slot_rank(ra).cmp(&slot_rank(rb)))
                     .then_with(|| a.cmp(&b))
             });
             ids.into()
@@ -396,6 +409,7 @@ impl<H> MuxRouter<H> {
             pattern: route.pattern.text(),
             method: route.method.as_ref().map(MethodName::as_str),
             host: route.host.as_ref().map(|host| &*host.text),
+            matchers: route.matchers.rules(),
             handler: &route.handler,
         })
     }
@@ -408,11 +422,99 @@ impl<H> MuxRouter<H> {
         }
     }
 
+    /// Like [`Router::handle`], for a route that also requires every one of `matchers`
+    /// (headers, query parameters) to hold. On the same path, method and host, routes with
+    /// more matchers are tried first, then in registration order, and a route without
+    /// matchers takes what they leave. Regexes are compiled here, anchored. Two routes
+    /// differing only in their matchers are not duplicates.
+    pub fn handle_matching(
+        &mut self,
+        pattern: &str,
+        method: &str,
+        host: &str,
+        matchers: Vec<MatchRule>,
+        handler: H,
+        closer: Option<Closer>,
+    ) -> Result<(), RouteError> {
+        let matchers = Matchers::new(pattern, matchers);
+        match matchers.and_then(|matchers| self.register(pattern, method, host, matchers, handler))
+        {
+            Ok(()) => {
+                if let Some(closer) = closer {
+                    self.lifecycle.push_closer(closer);
+                }
+                Ok(())
+            }
+            Err(error) => {
+                // The router owns the closer from the call on; nothing else will run it.
+                if let Some(closer) = closer {
+                    closer();
+                }
+                Err(error)
+            }
+        }
+    }
+
+    /// Like [`Router::route`], offering the request's headers and query to the routes with
+    /// matchers (only they look at `parts`).
+    pub fn route_request<P: RequestParts + ?Sized>(
+        &self,
+        method: &str,
+        host: &str,
+        path: &str,
+        parts: &P,
+    ) -> RouteMatch<'_, H> {
+        if !path.starts_with('/') {
+            return RouteMatch::NotFound;
+        }
+        let request = Request {
+            method,
+            host,
+            parts,
+        };
+        let mut verdict = Verdict::default();
+        let segments = path.bytes().filter(|&b| b == b'/').count();
+        for table in [&self.exact, &self.restful] {
+            if table.holds_length(segments) {
+                if let Some(handler) = table.lookup(&self.routes, path, &request, &mut verdict) {
+                    return RouteMatch::Found(handler);
+                }
+            }
+        }
+        // Prefix patterns: try the path's truncations at `/` boundaries, longest first
+        // (`/a/b/c`, `/a/b`, `/a`, then "" for the root prefix), looking up only the
+        // lengths some prefix pattern has.
+        let mut segments = segments;
+        let mut end = path.len();
+        while self.prefixes.holds_length_up_to(segments) {
+            let truncated = &path[..end];
+            if self.prefixes.holds_length(segments) {
+                if let Some(handler) =
+                    self.prefixes
+                        .lookup(&self.routes, truncated, &request, &mut verdict)
+                {
+                    return RouteMatch::Found(handler);
+                }
+            }
+            if segments == 0 {
+                break;
+            }
+            end = truncated.rfind('/').unwrap_or(0);
+            segments -= 1;
+        }
+        if verdict.method_not_allowed {
+            RouteMatch::MethodNotAllowed
+        } else {
+            RouteMatch::NotFound
+        }
+    }
+
     fn register(
         &mut self,
         pattern: &str,
         method: &str,
         host: &str,
+        matchers: Matchers,
         handler: H,
     ) -> Result<(), RouteError> {
         let pattern = Pattern::parse(pattern, &mut self.regexes)?;
@@ -421,7 +523,10 @@ impl<H> MuxRouter<H> {
         let kind = TableKind::of(&pattern);
         let table = self.table(kind);
         let duplicate = table.same_key(&self.routes, &pattern).any(|other| {
-            other.pattern.same_as(&pattern) && other.method == method && other.host == host
+            other.pattern.same_as(&pattern)
+                && other.method == method
+                && other.host == host
+                && other.matchers == matchers
         });
         if duplicate {
             return Err(RouteError::Duplicate {
@@ -442,6 +547,7 @@ impl<H> MuxRouter<H> {
             method,
             host,
             constraints: pattern.constraints(),
+            matchers,
             pattern,
         });
         let id = self.routes.len() - 1;
@@ -456,6 +562,15 @@ impl<H> MuxRouter<H> {
         }
         Ok(())
     }
+}
+
+/// Trial order among routes of one shape: host-specific first, then more matchers first
+/// (registration order breaks ties).
+fn slot_rank<H>(route: &Route<H>) -> (bool, std::cmp::Reverse<usize>) {
+    (
+        route.host.is_none(),
+        std::cmp::Reverse(route.matchers.len()),
+    )
 }
 
 /// Which of the three trees a pattern lives in.
@@ -502,63 +617,13 @@ impl<H: Send + Sync> Router<H> for MuxRouter<H> {
         handler: H,
         closer: Option<Closer>,
     ) -> Result<(), RouteError> {
-        match self.register(pattern, method, host, handler) {
-            Ok(()) => {
-                if let Some(closer) = closer {
-                    self.lifecycle.push_closer(closer);
-                }
-                Ok(())
-            }
-            Err(error) => {
-                // The router owns the closer from the call on; nothing else will run it.
-                if let Some(closer) = closer {
-                    closer();
-                }
-                Err(error)
-            }
-        }
+        self.handle_matching(pattern, method, host, Vec::new(), handler, closer)
     }
 
+    /// Offers no headers or query: routes with matchers never take such a lookup (see
+    /// [`MuxRouter::route_request`]).
     fn route(&self, method: &str, host: &str, path: &str) -> RouteMatch<'_, H> {
-        if !path.starts_with('/') {
-            return RouteMatch::NotFound;
-        }
-        let request = Request { method, host };
-        let mut verdict = Verdict::default();
-        let segments = path.bytes().filter(|&b| b == b'/').count();
-        for table in [&self.exact, &self.restful] {
-            if table.holds_length(segments) {
-                if let Some(handler) = table.lookup(&self.routes, path, &request, &mut verdict) {
-                    return RouteMatch::Found(handler);
-                }
-            }
-        }
-        // Prefix patterns: try the path's truncations at `/` boundaries, longest first
-        // (`/a/b/c`, `/a/b`, `/a`, then "" for the root prefix), looking up only the
-        // lengths some prefix pattern has.
-        let mut segments = segments;
-        let mut end = path.len();
-        while self.prefixes.holds_length_up_to(segments) {
-            let truncated = &path[..end];
-            if self.prefixes.holds_length(segments) {
-                if let Some(handler) =
-                    self.prefixes
-                        .lookup(&self.routes, truncated, &request, &mut verdict)
-                {
-                    return RouteMatch::Found(handler);
-                }
-            }
-            if segments == 0 {
-                break;
-            }
-            end = truncated.rfind('/').unwrap_or(0);
-            segments -= 1;
-        }
-        if verdict.method_not_allowed {
-            RouteMatch::MethodNotAllowed
-        } else {
-            RouteMatch::NotFound
-        }
+        self.route_request(method, host, path, &NoParts)
     }
 
     fn enter(&self) -> InFlight {

@@ -45,9 +45,17 @@ impl Upstream {
         F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
         Fut: Future<Output = Response<UpstreamBody>> + Send + 'static,
     {
-        let listener = TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind upstream");
+        Upstream::start_at("127.0.0.1:0".parse().expect("address"), handler).await
+    }
+
+    /// [`Upstream::start`] on a given address (e.g. the one of a stopped upstream, to bring
+    /// it back).
+    pub async fn start_at<F, Fut>(addr: SocketAddr, handler: F) -> Upstream
+    where
+        F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
+        Fut: Future<Output = Response<UpstreamBody>> + Send + 'static,
+    {
+        let listener = TcpListener::bind(addr).await.expect("bind upstream");
         let addr = listener.local_addr().expect("local addr");
         let hits = Arc::new(AtomicUsize::new(0));
         let shutdown = CancellationToken::new();
@@ -176,10 +184,28 @@ impl TestGateway {
     ) -> Result<TestGateway, String> {
         let conf = dir.path().join("gateway.yaml");
         std::fs::write(&conf, yaml).expect("write config");
+        let conf_arg = conf.to_str().expect("utf-8 path").to_owned();
+        Self::launch(dir, conf, &conf_arg, extra_flags).await
+    }
+
+    /// Starts a gateway whose `--conf` is `conf_arg` (a file or an `http(s)://` URL); its
+    /// [`TestGateway::conf`] is an unused path in a fresh scratch directory.
+    pub async fn start_conf(conf_arg: &str, extra_flags: &[&str]) -> Result<TestGateway, String> {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let conf = dir.path().join("gateway.yaml");
+        Self::launch(dir, conf, conf_arg, extra_flags).await
+    }
+
+    async fn launch(
+        dir: tempfile::TempDir,
+        conf: PathBuf,
+        conf_arg: &str,
+        extra_flags: &[&str],
+    ) -> Result<TestGateway, String> {
         let mut args: Vec<String> = [
             "gateway",
             "--conf",
-            conf.to_str().expect("utf-8 path"),
+            conf_arg,
             "--addr",
             "127.0.0.1:0",
             "--debug",

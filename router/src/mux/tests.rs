@@ -7,6 +7,7 @@ use rand::seq::IndexedRandom;
 use rand::{Rng, SeedableRng};
 
 use super::*;
+use crate::{MatchSource, MatchTest};
 
 /// What a lookup should produce, with `Found` naming the route by its index in the set.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -358,6 +359,90 @@ struct NaiveRoute {
     prefix: bool,
     method: Option<String>,
     host: Option<String>,
+    /// Sorted and without repeats, as the router keeps them.
+    matchers: Vec<MatchRule>,
+}
+
+/// A request's headers and raw query, as the random lookups make them.
+#[derive(Debug, Default)]
+struct Parts {
+    headers: Vec<(&'static str, &'static str)>,
+    query: Option<&'static str>,
+}
+
+impl RequestParts for Parts {
+    fn header_values(&self, name: &str) -> impl Iterator<Item = &[u8]> {
+        self.headers
+            .iter()
+            .filter(move |(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_bytes())
+    }
+
+    fn raw_query(&self) -> Option<&str> {
+        self.query
+    }
+}
+
+/// The naive reading of the matchers: decode every pair by hand, compare.
+fn naive_matchers_hold(matchers: &[MatchRule], parts: &Parts) -> bool {
+    let decode = |text: &str| -> String {
+        let bytes = text.replace('+', " ").into_bytes();
+        let mut out = Vec::new();
+        let mut i = 0;
+        while i < bytes.len() {
+            let hex = bytes
+                .get(i + 1..i + 3)
+                .and_then(|pair| std::str::from_utf8(pair).ok())
+                .and_then(|pair| u8::from_str_radix(pair, 16).ok());
+            match (bytes[i], hex) {
+                (b'%', Some(byte)) => {
+                    out.push(byte);
+                    i += 3;
+                }
+                (byte, _) => {
+                    out.push(byte);
+                    i += 1;
+                }
+            }
+        }
+        String::from_utf8_lossy(&out).into_owned()
+    };
+    let pairs: Vec<(String, String)> = parts
+        .query
+        .map(|query| {
+            query
+                .split('&')
+                .filter(|pair| !pair.is_empty())
+                .map(|pair| match pair.split_once('=') {
+                    Some((name, value)) => (decode(name), decode(value)),
+                    None => (decode(pair), String::new()),
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    matchers.iter().all(|rule| {
+        let values: Vec<String> = match rule.source {
+            MatchSource::Header => parts
+                .headers
+                .iter()
+                .filter(|(name, _)| name.eq_ignore_ascii_case(&rule.name))
+                .map(|(_, value)| (*value).to_owned())
+                .collect(),
+            MatchSource::Query => pairs
+                .iter()
+                .filter(|(name, _)| *name == rule.name)
+                .map(|(_, value)| value.clone())
+                .collect(),
+        };
+        match &rule.test {
+            MatchTest::Present => !values.is_empty(),
+            MatchTest::Value(want) => values.iter().any(|value| value == want),
+            // The generator's only regex is `[0-9]+`.
+            MatchTest::Regex(_) => values
+                .iter()
+                .any(|value| !value.is_empty() && value.bytes().all(|b| b.is_ascii_digit())),
+        }
+    })
 }
 
 impl NaiveRoute {
@@ -404,18 +489,25 @@ impl NaiveRoute {
 
     /// Sort key: restful/exact before prefix; longer prefixes first; from the left a
     /// literal before a parameter; host-specific first; then registration order.
-    fn rank(&self, id: usize) -> (bool, Reverse<usize>, Vec<u8>, bool, usize) {
+    fn rank(&self, id: usize) -> (bool, Reverse<usize>, Vec<u8>, bool, Reverse<usize>, usize) {
         let kinds = self
             .segments
             .iter()
             .map(|segment| u8::from(matches!(segment, NaiveSegment::Param(_))))
             .collect();
         let length = if self.prefix { self.segments.len() } else { 0 };
-        (self.prefix, Reverse(length), kinds, self.host.is_none(), id)
+        (
+            self.prefix,
+            Reverse(length),
+            kinds,
+            self.host.is_none(),
+            Reverse(self.matchers.len()),
+            id,
+        )
     }
 }
 
-fn naive_route(routes: &[NaiveRoute], method: &str, host: &str, path: &str) -> Want {
+fn naive_route(routes: &[NaiveRoute], method: &str, host: &str, path: &str, parts: &Parts) -> Want {
     let Some(rest) = path.strip_prefix('/') else {
         return NotFound;
     };
@@ -433,6 +525,9 @@ fn naive_route(routes: &[NaiveRoute], method: &str, host: &str, path: &str) -> W
     for id in matching {
         let route = &routes[id];
         if route.host.as_ref().is_some_and(|want| *want != host) {
+            continue;
+        }
+        if !naive_matchers_hold(&route.matchers, parts) {
             continue;
         }
         if route
@@ -511,11 +606,69 @@ fn random_route(rng: &mut StdRng, density: &Density) -> NaiveRoute {
         .choose(rng)
         .copied()
         .unwrap_or("");
+    // A quarter of the routes carry one or two matchers.
+    let mut matchers: Vec<MatchRule> = if rng.random_bool(0.25) {
+        let count = rng.random_range(1..=2);
+        random_matchers()
+            .choose_multiple(rng, count)
+            .cloned()
+            .collect()
+    } else {
+        Vec::new()
+    };
+    matchers.sort();
     NaiveRoute {
         segments,
         prefix,
         method: (!method.is_empty()).then(|| method.to_owned()),
         host: (!host.is_empty()).then(|| host.to_owned()),
+        matchers,
+    }
+}
+
+fn random_matchers() -> Vec<MatchRule> {
+    let rule = |source, name: &str, test| MatchRule {
+        source,
+        name: name.to_owned(),
+        test,
+    };
+    vec![
+        rule(MatchSource::Header, "x-t", MatchTest::Value("a".into())),
+        rule(MatchSource::Header, "x-t", MatchTest::Value("b".into())),
+        rule(MatchSource::Header, "x-t", MatchTest::Present),
+        rule(
+            MatchSource::Header,
+            "x-u",
+            MatchTest::Regex("[0-9]+".into()),
+        ),
+        rule(MatchSource::Query, "q", MatchTest::Value("1".into())),
+        rule(MatchSource::Query, "q", MatchTest::Present),
+        rule(MatchSource::Query, "r s", MatchTest::Regex("[0-9]+".into())),
+    ]
+}
+
+fn random_parts(rng: &mut StdRng) -> Parts {
+    const HEADERS: [(&str, &str); 5] = [
+        ("x-t", "a"),
+        ("X-T", "b"),
+        ("x-u", "12"),
+        ("x-u", "z"),
+        ("x-other", "a"),
+    ];
+    let count = rng.random_range(0..=2);
+    Parts {
+        headers: HEADERS.choose_multiple(rng, count).copied().collect(),
+        query: [
+            None,
+            Some("q=1"),
+            Some("q=2"),
+            Some("q"),
+            Some("q=%31&r+s=7"),
+            Some("r%20s=x"),
+        ]
+        .choose(rng)
+        .copied()
+        .flatten(),
     }
 }
 
@@ -549,7 +702,14 @@ fn compare_with_naive(
             let pattern = route.pattern();
             let method = route.method.clone().unwrap_or_default();
             let host = route.host.clone().unwrap_or_default();
-            match router.handle(&pattern, &method, &host, naive.len(), None) {
+            match router.handle_matching(
+                &pattern,
+                &method,
+                &host,
+                route.matchers.clone(),
+                naive.len(),
+                None,
+            ) {
                 Ok(()) => naive.push(route),
                 Err(RouteError::Duplicate { .. }) => {
                     assert!(naive.contains(&route), "{pattern:?} reported as duplicate");
@@ -568,8 +728,13 @@ fn compare_with_naive(
                 .choose(&mut rng)
                 .copied()
                 .unwrap_or("");
-            let got = outcome(&router, method, host, &path);
-            let want = naive_route(&naive, method, host, &path);
+            let parts = random_parts(&mut rng);
+            let got = match router.route_request(method, host, &path, &parts) {
+                RouteMatch::Found(id) => Found(*id),
+                RouteMatch::NotFound => NotFound,
+                RouteMatch::MethodNotAllowed => NotAllowed,
+            };
+            let want = naive_route(&naive, method, host, &path, &parts);
             match want {
                 Found(_) => found += 1,
                 NotFound => not_found += 1,
@@ -579,10 +744,18 @@ fn compare_with_naive(
                 let listing: Vec<String> = naive
                     .iter()
                     .enumerate()
-                    .map(|(id, r)| format!("  {id}: {} {:?} {:?}", r.pattern(), r.method, r.host))
+                    .map(|(id, r)| {
+                        format!(
+                            "  {id}: {} {:?} {:?} {:?}",
+                            r.pattern(),
+                            r.method,
+                            r.host,
+                            r.matchers
+                        )
+                    })
                     .collect();
                 panic!(
-                    "seed {seed} table {table}: {method} {host:?} {path:?}: got {got:?}, want {want:?}\n{}",
+                    "seed {seed} table {table}: {method} {host:?} {path:?} {parts:?}: got {got:?}, want {want:?}\n{}",
                     listing.join("\n")
                 );
             }
@@ -642,4 +815,143 @@ fn host_templates_match_like_kratos() {
         assert!(error.to_string().contains("host"), "{bad}: {error}");
         assert_eq!(error.to_string().lines().count(), 1, "{error}");
     }
+}
+
+/// Method, path, headers, raw query and the expected outcome.
+type MatcherCase = (
+    &'static str,
+    &'static str,
+    Vec<(&'static str, &'static str)>,
+    Option<&'static str>,
+    Want,
+);
+
+/// Header and query matchers: on one path (and method/host) the routes with matchers are
+/// tried first, most matchers first, then registration order; the plain route takes the
+/// rest. Matchers never turn a miss into a 405.
+#[test]
+fn matchers_conformance_table() {
+    let header = |name: &str, test| MatchRule {
+        source: MatchSource::Header,
+        name: name.to_owned(),
+        test,
+    };
+    let query = |name: &str, test| MatchRule {
+        source: MatchSource::Query,
+        name: name.to_owned(),
+        test,
+    };
+    let value = |text: &str| MatchTest::Value(text.to_owned());
+    let regex = |text: &str| MatchTest::Regex(text.to_owned());
+    let specs: Vec<(&str, &str, &str, Vec<MatchRule>)> = vec![
+        ("/pay", "", "", vec![]), // 0
+        (
+            "/pay",
+            "",
+            "",
+            vec![header("x-noslate-target", value("service:payments"))],
+        ), // 1
+        ("/pay", "", "", vec![query("v", value("2"))]), // 2
+        (
+            "/pay",
+            "",
+            "",
+            vec![
+                header("x-noslate-target", value("service:payments")),
+                query("v", value("2")),
+            ],
+        ), // 3
+        ("/pay", "", "", vec![header("X-Debug", MatchTest::Present)]), // 4
+        ("/api/*", "", "", vec![header("x-v", regex("v[0-9]+"))]), // 5
+        ("/api/*", "", "", vec![]), // 6
+        ("/only", "GET", "", vec![header("x-a", value("1"))]), // 7
+        ("/u/{id}", "", "", vec![query("tab", regex("a|b"))]), // 8
+        ("/u/{name:[a-z]+}", "", "", vec![]), // 9
+    ];
+    let mut router = MuxRouter::new();
+    for (id, (pattern, method, host, matchers)) in specs.iter().enumerate() {
+        router
+            .handle_matching(pattern, method, host, matchers.clone(), id, None)
+            .unwrap_or_else(|error| panic!("register {id}: {error}"));
+    }
+    #[rustfmt::skip]
+    let table: &[MatcherCase] = &[
+        ("GET", "/pay", vec![], None, Found(0)),
+        ("GET", "/pay", vec![("X-Noslate-Target", "service:payments")], None, Found(1)),
+        ("GET", "/pay", vec![("x-noslate-target", "service:other")], None, Found(0)),
+        ("GET", "/pay", vec![("x-noslate-target", "SERVICE:PAYMENTS")], None, Found(0)),
+        ("GET", "/pay", vec![], Some("v=2"), Found(2)),
+        ("GET", "/pay", vec![], Some("x=1&v=%32"), Found(2)),
+        ("GET", "/pay", vec![], Some("v=22"), Found(0)),
+        // most matchers first
+        ("GET", "/pay", vec![("x-noslate-target", "service:payments")], Some("v=2"), Found(3)),
+        // one of several values of a header is enough
+        ("GET", "/pay", vec![("x-noslate-target", "a"), ("x-noslate-target", "service:payments")], None, Found(1)),
+        ("GET", "/pay", vec![("x-debug", "")], None, Found(4)),
+        // regexes are anchored
+        ("GET", "/api/x", vec![("x-v", "v12")], None, Found(5)),
+        ("GET", "/api/x", vec![("x-v", "v12x")], None, Found(6)),
+        ("GET", "/api/x", vec![("x-v", "xv1")], None, Found(6)),
+        // a matcher route that declines is no 405 and no match
+        ("GET", "/only", vec![("x-a", "1")], None, Found(7)),
+        ("POST", "/only", vec![("x-a", "1")], None, NotAllowed),
+        ("GET", "/only", vec![], None, NotFound),
+        ("POST", "/only", vec![], None, NotFound),
+        // restful: a matcher route with a looser shape still yields to constraints' order
+        ("GET", "/u/bob", vec![], Some("tab=a"), Found(8)),
+        ("GET", "/u/bob", vec![], Some("tab=c"), Found(9)),
+        ("GET", "/u/42", vec![], Some("tab=b"), Found(8)),
+        ("GET", "/u/42", vec![], None, NotFound),
+    ];
+    let mut failures = Vec::new();
+    for (method, path, headers, query, want) in table {
+        let parts = Parts {
+            headers: headers.clone(),
+            query: *query,
+        };
+        for _ in 0..2 {
+            let got = match router.route_request(method, "", path, &parts) {
+                RouteMatch::Found(id) => Found(*id),
+                RouteMatch::NotFound => NotFound,
+                RouteMatch::MethodNotAllowed => NotAllowed,
+            };
+            if got != *want {
+                failures.push(format!(
+                    "{method} {path} {parts:?}: got {got:?}, want {want:?}"
+                ));
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    // Without its parts, a lookup never reaches a matcher route.
+    assert_eq!(outcome(&router, "GET", "", "/pay"), Found(0));
+    // The same path, method, host and matchers (in any order, any header case) is a
+    // duplicate; other matchers are not.
+    let error = router
+        .handle_matching(
+            "/pay",
+            "",
+            "",
+            vec![
+                query("v", value("2")),
+                header("X-NOSLATE-TARGET", value("service:payments")),
+            ],
+            99,
+            None,
+        )
+        .expect_err("duplicate");
+    assert!(matches!(error, RouteError::Duplicate { .. }), "{error}");
+    router
+        .handle_matching("/pay", "", "", vec![query("v", value("3"))], 10, None)
+        .expect("other matchers are no duplicate");
+    let error = router
+        .handle_matching("/bad", "", "", vec![header("x", regex("("))], 11, None)
+        .expect_err("bad regex");
+    assert!(error.to_string().contains("regex"), "{error}");
+    let listed: Vec<usize> = router
+        .routes()
+        .filter(|entry| !entry.matchers.is_empty())
+        .map(|entry| *entry.handler)
+        .collect();
+    assert_eq!(listed, vec![1, 2, 3, 4, 5, 7, 8, 10]);
 }
