@@ -39,5 +39,7 @@ pub use model::{
     Backend, Condition, Endpoint, Gateway, HeaderCondition, HealthCheck, Middleware, Protocol,
     Retry, StatusRange, StatusRangeError, Tls,
 };
-pub use parse::{PriorityConfig, merge_priority, parse, parse_priority};
+pub use parse::{
+    PriorityConfig, merge_priority, parse, parse_endpoint, parse_priority, validate_endpoint,
+};
 pub use validate::{SELECTORS, validate};
