@@ -10,9 +10,11 @@
 //! GET                /admin/v1/instances        [{"id","addr","version","seen"}]
 //! ```
 //!
-//! A PUT or DELETE is first built (merged config validated, router built and swapped in):
-//! a change that does not build is refused with 400 and nothing changes. Then it is written
-//! to the store; if that fails (412, store down) the previous config is swapped back.
+//! A PUT or DELETE is first checked (the merged config validated and its router built, then
+//! dropped): a change that does not build is refused with 400 and nothing changes. Then it
+//! is written to the store, and every gateway (this one included) applies it from the
+//! store's watch through the same build-and-swap as a file reload; the call answers once
+//! this gateway applied it (or after 3 s).
 //! Bodies are bounded (1 MiB); JSON nesting is bounded by serde_json's recursion limit.
 
 use std::convert::Infallible;
@@ -64,7 +66,7 @@ pub(crate) struct Composer {
     current: Arc<ArcSwap<Gateway>>,
     store: Option<Arc<dyn ConfigStore>>,
     state: Mutex<State>,
-    /// Serializes admin writes (each is build, then store write, then maybe revert).
+    /// Serializes admin writes (each is check, then store write, then wait for the apply).
     writes: tokio::sync::Mutex<()>,
     applied: tokio::sync::watch::Sender<String>,
 }
@@ -186,38 +188,65 @@ impl Composer {
         }
     }
 
-    /// Builds the config with `id` set to `endpoint` (or removed when `None`), swapping it in.
-    fn try_change(&self, id: &str, endpoint: Option<&Endpoint>) -> Result<(), ApplyError> {
-        let state = self.state();
-        let mut endpoints: Vec<(String, Endpoint)> = state
-            .snapshot
-            .endpoints
-            .iter()
-            .filter(|s| s.id != id)
-            .map(|s| (s.id.clone(), s.endpoint.clone()))
-            .collect();
-        if let Some(endpoint) = endpoint {
-            endpoints.push((id.to_owned(), endpoint.clone()));
-            endpoints.sort_by(|a, b| a.0.cmp(&b.0));
+    /// Would the config with `id` set to `endpoint` (or removed when `None`) apply? The
+    /// merged config is validated and its router built (and dropped); nothing changes.
+    fn check_change(&self, id: &str, endpoint: Option<&Endpoint>) -> Result<(), ApplyError> {
+        let merged = {
+            let state = self.state();
+            let mut endpoints: Vec<(String, Endpoint)> = state
+                .snapshot
+                .endpoints
+                .iter()
+                .filter(|s| s.id != id)
+                .map(|s| (s.id.clone(), s.endpoint.clone()))
+                .collect();
+            if let Some(endpoint) = endpoint {
+                endpoints.push((id.to_owned(), endpoint.clone()));
+                endpoints.sort_by(|a, b| a.0.cmp(&b.0));
+            }
+            Self::merge(&state.base, endpoints.into_iter().map(|(_, e)| e))
+        };
+        if **self.current.load() == merged {
+            return Ok(());
         }
-        self.apply(Self::merge(
-            &state.base,
-            endpoints.into_iter().map(|(_, e)| e),
-        ))
+        configs::validate(&merged).map_err(ApplyError::Invalid)?;
+        self.proxy
+            .check(&merged)
+            .map_err(|err| ApplyError::Build(err.to_string()))
     }
 
-    /// Puts back the config of the last applied snapshot (after a failed store write).
-    fn revert(&self) {
-        let state = self.state();
-        let merged = Self::merge(
-            &state.base,
-            state.snapshot.endpoints.iter().map(|s| s.endpoint.clone()),
-        );
-        if let Err(error) = self.apply(merged) {
-            tracing::error!(%error, "could not restore the config after a failed store write");
+    /// Waits (at most `APPLY_WAIT`) until the config in force includes `id` at `version`
+    /// (`None`: without `id`), so a write answers once this gateway routes it.
+    async fn wait_applied(&self, id: &str, version: Option<&str>) {
+        let mut applied = self.applied();
+        let done = |state: &State| {
+            let stored = state.snapshot.endpoints.iter().find(|s| s.id == id);
+            match version {
+                Some(version) => stored.is_some_and(|s| s.version == version),
+                None => stored.is_none(),
+            }
+        };
+        let wait = async {
+            loop {
+                if done(&self.state()) {
+                    return;
+                }
+                if applied.changed().await.is_err() {
+                    return;
+                }
+            }
+        };
+        if tokio::time::timeout(APPLY_WAIT, wait).await.is_err() {
+            tracing::warn!(
+                id,
+                "a stored change is not applied yet; it will be when the store's watch delivers it"
+            );
         }
     }
 }
+
+/// How long a write waits for the store's watch to bring the change back before answering.
+const APPLY_WAIT: Duration = Duration::from_secs(3);
 
 /// Why a merged config was refused.
 #[derive(Debug, thiserror::Error)]
@@ -415,21 +444,21 @@ impl Admin {
             Err(response) => return *response,
         };
         let _write = self.composer.writes.lock().await;
-        if let Err(err) = self.composer.try_change(id, Some(&endpoint)) {
+        if let Err(err) = self.composer.check_change(id, Some(&endpoint)) {
             return apply_error(&err);
         }
         match self.store.put(id, &endpoint, if_match.as_deref()).await {
             Ok(stored) => {
+                self.composer
+                    .wait_applied(id, Some(stored.version.as_str()))
+                    .await;
                 let mut response = ok(&stored);
                 if let Ok(etag) = HeaderValue::from_str(&format!("\"{}\"", stored.version)) {
                     response.headers_mut().insert(header::ETAG, etag);
                 }
                 response
             }
-            Err(err) => {
-                self.composer.revert();
-                store_error(&err)
-            }
+            Err(err) => store_error(&err),
         }
     }
 
@@ -450,15 +479,15 @@ impl Admin {
             }
             Err(err) => return store_error(&err),
         }
-        if let Err(err) = self.composer.try_change(id, None) {
+        if let Err(err) = self.composer.check_change(id, None) {
             return apply_error(&err);
         }
         match self.store.delete(id, if_match.as_deref()).await {
-            Ok(()) => ok(&json!({ "id": id, "deleted": true })),
-            Err(err) => {
-                self.composer.revert();
-                store_error(&err)
+            Ok(()) => {
+                self.composer.wait_applied(id, None).await;
+                ok(&json!({ "id": id, "deleted": true }))
             }
+            Err(err) => store_error(&err),
         }
     }
 }

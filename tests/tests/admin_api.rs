@@ -220,7 +220,11 @@ async fn invalid_endpoints_are_400_naming_the_field_and_change_nothing() {
     .await;
     assert_eq!(yaml.status, 400, "{}", yaml.body);
     assert_eq!(admin::json(&yaml)["field"], "selector", "{}", yaml.body);
-    assert!(yaml.body.contains("body:2:"), "the YAML line: {}", yaml.body);
+    assert!(
+        yaml.body.contains("body:2:"),
+        "the YAML line: {}",
+        yaml.body
+    );
 
     // Valid alone, but does not build: a required middleware nobody registered.
     let no_build = admin::put(
