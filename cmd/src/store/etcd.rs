@@ -254,7 +254,8 @@ impl Inner {
             endpoints: endpoints.values().cloned().collect(),
         };
         self.snapshot.send_if_modified(|current| {
-            if current.endpoints == snapshot.endpoints {
+            // The first list is news even when empty: start-up waits for it.
+            if !current.revision.is_empty() && current.endpoints == snapshot.endpoints {
                 return false;
             }
             *current = Arc::new(snapshot);
