@@ -347,6 +347,15 @@ async fn hostile_bodies_get_a_clear_4xx_and_change_nothing() {
         reply.body
     );
 
+    let deep_yaml = format!(
+        "path: /h\nmiddlewares:\n  - name: cors\n    options: {}{}\n",
+        "[".repeat(100_000),
+        "]".repeat(100_000)
+    );
+    let yaml_type = [("content-type", "application/yaml")];
+    let reply = admin::call(addr, "PUT", path, Some(TOKEN), &yaml_type, deep_yaml).await;
+    assert_eq!(reply.status, 400, "deep YAML: {}", reply.body);
+
     let not_utf8: Vec<u8> = b"{\"path\": \"/h\xff\xfe\"}".to_vec();
     let reply = admin::call(addr, "PUT", path, Some(TOKEN), &json_type, not_utf8).await;
     assert_eq!(reply.status, 400, "{}", reply.body);
