@@ -18,6 +18,7 @@ const REDACTED: &str = "(redacted)";
 /// Builds the mux with the config, router, watcher and control-service views.
 pub(crate) fn mux(
     loader: configs::ConfigLoader,
+    composer: Arc<crate::admin::Composer>,
     current: Arc<ArcSwap<configs::Gateway>>,
     proxy: Arc<Proxy>,
     watcher: Option<Arc<client::ServiceWatcher>>,
@@ -26,6 +27,7 @@ pub(crate) fn mux(
     let mut mux = DebugMux::new();
     mux.register(Arc::new(ConfigViews::new(Arc::new(LoaderSource {
         loader,
+        composer,
         current,
     }))));
     mux.register(Arc::new(RouterViews::new(Arc::new(ProxySource(proxy)))));
@@ -60,13 +62,18 @@ impl CtrlSource for CtrlAdapter {
 /// The file loader's status and the config in force (swapped in after each apply).
 struct LoaderSource {
     loader: configs::ConfigLoader,
+    composer: Arc<crate::admin::Composer>,
     current: Arc<ArcSwap<configs::Gateway>>,
 }
 
 impl ConfigSource for LoaderSource {
     fn status(&self) -> ConfigStatus {
         let status = self.loader.status();
+        let provenance = self.composer.provenance();
         ConfigStatus {
+            source: provenance.source.to_owned(),
+            store: provenance.store,
+            store_revision: provenance.store_revision,
             path: status.path,
             sha256: status.sha256,
             version: status.version,
@@ -89,7 +96,7 @@ impl ConfigSource for LoaderSource {
 }
 
 /// Replaces every non-empty `tlsStore.*.key` (a PEM private key) with a marker.
-fn redact_tls_keys(config: &mut Value) {
+pub(crate) fn redact_tls_keys(config: &mut Value) {
     let Some(store) = config.get_mut("tlsStore").and_then(Value::as_object_mut) else {
         return;
     };

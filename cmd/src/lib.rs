@@ -1,10 +1,12 @@
 //! Wiring of the `gateway` binary: flags, start-up and shutdown. `main.rs` only parses
 //! flags, sets up logging and signals, and calls [`run`].
 
+mod admin;
 mod debug_views;
 mod demo;
 pub mod kratos_flags;
 pub mod limits;
+mod store;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -125,6 +127,19 @@ pub struct Cli {
     /// Bound of each call to the control service (start-up waits at most one round).
     #[arg(long, default_value = "5s", value_parser = duration)]
     pub ctrl_timeout: Duration,
+    /// Serve the admin API on this address (needs --admin-token or GATEWAY_ADMIN_TOKEN).
+    #[arg(long, value_name = "HOST:PORT")]
+    pub admin_addr: Option<SocketAddr>,
+    /// Bearer token every admin API call must carry.
+    #[arg(long, env = "GATEWAY_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
+    /// Where admin-managed endpoints live: file://DIR (default: --priority-dir, else
+    /// ./gateway-store) or etcd://HOST:PORT[,HOST:PORT]/PREFIX (shared by a fleet).
+    #[arg(long, value_name = "DSN")]
+    pub store: Option<String>,
+    /// TTL of this gateway's entry in a shared store's instance list.
+    #[arg(long, default_value = "10s", value_parser = duration, hide = true)]
+    pub store_lease_ttl: Duration,
     /// DEMO ONLY: also start a toy upstream on 127.0.0.1:8000 so the example config answers.
     #[arg(long)]
     pub demo: bool,
@@ -232,6 +247,8 @@ pub struct Listening {
     pub tls_addrs: Vec<SocketAddr>,
     /// The `--metrics-addr` listener.
     pub metrics_addr: Option<SocketAddr>,
+    /// The `--admin-addr` listener.
+    pub admin_addr: Option<SocketAddr>,
 }
 
 /// Start-up failures are returned as one line; after start-up, errors are logged. A failed
@@ -273,6 +290,29 @@ async fn serve_until_shutdown(
     if let Some(dsn) = &cli.redis {
         middleware_builtin::redis_store::check_dsn(dsn).map_err(|err| format!("--redis: {err}"))?;
     }
+    let admin_token = match (&cli.admin_addr, &cli.admin_token) {
+        (Some(_), Some(token)) if !token.is_empty() => Some(token.clone()),
+        (Some(_), _) => {
+            return Err(
+                "--admin-addr needs a token: set --admin-token or GATEWAY_ADMIN_TOKEN".to_owned(),
+            );
+        }
+        (None, _) => None,
+    };
+    // The admin API always has a store; without one, a gateway only follows --store if set.
+    let store_dsn = cli.store.clone().or_else(|| {
+        cli.admin_addr.map(|_| {
+            let dir = cli
+                .priority_dir
+                .clone()
+                .unwrap_or_else(|| "gateway-store".into());
+            format!("file://{}", dir.display())
+        })
+    });
+    let store = match &store_dsn {
+        Some(dsn) => Some(store::open(dsn, cli.store_lease_ttl, shutdown.clone())?),
+        None => None,
+    };
     // A file, or an http(s):// URL (fetched now, then polled).
     let loader = configs::ConfigLoader::new(&cli.conf.to_string_lossy(), cli.priority_dir.clone());
     let loaded = loader
@@ -325,6 +365,14 @@ async fn serve_until_shutdown(
             .map_err(|err| format!("listen on {addr} (--tls-addr): {err}"))?;
         tls_listeners.push(listener);
     }
+    let admin_listener = match cli.admin_addr {
+        Some(addr) => Some(
+            TcpListener::bind(addr)
+                .await
+                .map_err(|err| format!("listen on {addr} (--admin-addr): {err}"))?,
+        ),
+        None => None,
+    };
     let metrics_listener = match cli.metrics_addr {
         Some(addr) => Some(
             TcpListener::bind(addr)
@@ -370,26 +418,39 @@ async fn serve_until_shutdown(
         }
     }
     let current = Arc::new(arc_swap::ArcSwap::from_pointee(loaded.gateway.clone()));
-    let reload_proxy = proxy.clone();
-    let reload_current = current.clone();
+    let composer = admin::Composer::new(
+        proxy.clone(),
+        current.clone(),
+        store.clone(),
+        loaded.gateway.clone(),
+        loaded.sha256.clone(),
+    );
+    let mut store_tasks = Vec::new();
+    if let Some(store) = &store {
+        let mut snapshots = store.watch();
+        let first = tokio::time::timeout(
+            cli.initial_resolve_timeout,
+            snapshots.wait_for(|snapshot| !snapshot.revision.is_empty()),
+        )
+        .await;
+        if first.is_err() {
+            tracing::warn!(store = %store.describe(), "config store not read yet; serving the file config");
+        }
+        store_tasks.push(admin::follow_store(
+            composer.clone(),
+            store.clone(),
+            shutdown.clone(),
+        ));
+    }
+    let reload_composer = composer.clone();
     let reloads = loader.watch(cli.reload_interval, shutdown.clone(), move |loaded| {
-        let started = std::time::Instant::now();
-        reload_proxy
-            .update(&loaded.gateway)
-            .map_err(|err| err.to_string())?;
-        reload_current.store(Arc::new(loaded.gateway.clone()));
-        tracing::info!(
-            sha256 = %loaded.sha256,
-            endpoints = loaded.gateway.endpoints.len(),
-            build_ms = started.elapsed().as_secs_f64() * 1000.0,
-            "config applied"
-        );
-        Ok(())
+        reload_composer.set_base(loaded.gateway, loaded.sha256)
     });
     let ctrl_polling = ctrl.as_ref().map(|ctrl| ctrl.run(shutdown.clone()));
     let debug = cli.debug.then(|| {
         Arc::new(debug_views::mux(
             loader.clone(),
+            composer.clone(),
             current,
             proxy.clone(),
             watcher.clone(),
@@ -466,10 +527,43 @@ async fn serve_until_shutdown(
         certificate_reloads =
             Some(certificates.watch(cli.reload_interval, shutdown.clone(), tls_metrics));
     }
+    let mut admin_addr = None;
+    if let (Some(listener), Some(token), Some(store)) = (admin_listener, admin_token, &store) {
+        let local = listener.local_addr().map_err(|err| err.to_string())?;
+        admin_addr = Some(local);
+        tracing::info!(addr = %local, store = %store.describe(), "listening (admin API)");
+        let admin = Arc::new(admin::Admin::new(token, composer.clone(), store.clone()));
+        servers.push(tokio::spawn(admin.serve(
+            listener,
+            shutdown.clone(),
+            cli.shutdown_grace,
+        )));
+    }
+    if let Some(store) = &store {
+        let addr = admin_addr.or(local_addrs.first().copied());
+        let addr = addr.map(|a| a.to_string()).unwrap_or_default();
+        let started = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        let id = format!(
+            "{}-{}-{:x}",
+            std::process::id(),
+            addr.replace([':', '.'], "_"),
+            started % 0xffff_ffff
+        );
+        store_tasks.push(admin::announce(
+            &composer,
+            store.clone(),
+            id,
+            addr,
+            shutdown.clone(),
+        ));
+    }
     on_ready(Listening {
         addrs: local_addrs,
         tls_addrs,
         metrics_addr,
+        admin_addr,
     });
     shutdown.cancelled().await;
     tracing::info!("shutting down: draining in-flight requests");
@@ -481,6 +575,9 @@ async fn serve_until_shutdown(
     let _ = reloads.await;
     if let Some(ctrl_polling) = ctrl_polling {
         let _ = ctrl_polling.await;
+    }
+    for task in store_tasks {
+        let _ = task.await;
     }
     if let Some(certificate_reloads) = certificate_reloads {
         let _ = certificate_reloads.await;

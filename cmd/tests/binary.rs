@@ -76,6 +76,34 @@ fn unreachable_remote_config_exits_2_naming_the_url() {
 }
 
 #[test]
+fn admin_api_without_a_token_or_with_a_bad_store_exits_2() {
+    let (_dir, path) = write_temp("ok.yaml", "name: t\nendpoints: []\n");
+    let base = [
+        "--conf",
+        &path,
+        "--addr",
+        "127.0.0.1:0",
+        "--admin-addr",
+        "127.0.0.1:0",
+    ];
+    let output = Command::new(GATEWAY)
+        .args(base)
+        .env_remove("GATEWAY_ADMIN_TOKEN")
+        .output()
+        .expect("gateway runs");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("--admin-token"), "{stderr}");
+    let mut args = base.to_vec();
+    args.extend(["--admin-token", "t", "--store", "redis://x:1/p"]);
+    let (code, stderr) = run_to_exit(&args);
+    assert_eq!(code, 2);
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("--store"), "{stderr}");
+}
+
+#[test]
 fn unparsable_dsn_exits_2() {
     let (_dir, path) = write_temp("ok.yaml", "name: t\nendpoints: []\n");
     let (code, stderr) = run_to_exit(&[

@@ -43,7 +43,9 @@ pub use model::{
     Backend, Condition, Endpoint, Gateway, HeaderCondition, HealthCheck, Matcher, Middleware,
     Protocol, Retry, StatusRange, StatusRangeError, Tls,
 };
-pub use parse::{PriorityConfig, merge_priority, parse, parse_priority};
+pub use parse::{
+    PriorityConfig, merge_priority, parse, parse_endpoint, parse_priority, validate_endpoint,
+};
 pub use remote::{DEFAULT_FETCH_TIMEOUT, DEFAULT_MAX_BODY, RemoteLoader};
 pub use source::ConfigLoader;
 pub use validate::{SELECTORS, validate};

@@ -7,7 +7,7 @@ use serde_saphyr::MessageFormatter;
 
 use crate::error::{ConfigError, Position};
 use crate::model::{Endpoint, Gateway};
-use crate::validate::{FieldPath, RouteKey, check_endpoints, check_gateway};
+use crate::validate::{FieldPath, RouteKey, check_endpoint, check_endpoints, check_gateway};
 
 /// A priority file (Kratos' `PriorityConfig`): endpoints that override or extend the main
 /// config's list.
@@ -37,6 +37,28 @@ pub fn parse_priority(text: &str, file: &Path) -> Result<PriorityConfig, ConfigE
     check_endpoints(&priority.endpoints, &FieldPath::endpoints())
         .map_err(|issue| issue.locate(file, text))?;
     Ok(priority)
+}
+
+/// Parses and validates one endpoint written on its own (YAML, or JSON, which YAML reads),
+/// as the admin API takes it. Field paths in errors start at the endpoint
+/// (`backends[0].target`). `file` is only used in error messages.
+pub fn parse_endpoint(text: &str, file: &Path) -> Result<Endpoint, ConfigError> {
+    if is_blank_document(text) {
+        return Err(ConfigError::Parse {
+            file: file.to_path_buf(),
+            position: None,
+            message: "empty document: expected one endpoint".to_owned(),
+        });
+    }
+    let endpoint: Endpoint = from_yaml(text, file)?;
+    check_endpoint(&endpoint, &FieldPath::default()).map_err(|issue| issue.locate(file, text))?;
+    Ok(endpoint)
+}
+
+/// Validates one endpoint on its own (already deserialized, e.g. from JSON); field paths
+/// start at the endpoint.
+pub fn validate_endpoint(endpoint: &Endpoint) -> Result<(), ConfigError> {
+    check_endpoint(endpoint, &FieldPath::default()).map_err(|issue| issue.into_error())
 }
 
 /// Merges priority endpoints into `gateway`, in order: each replaces, in place, the endpoint

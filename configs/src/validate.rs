@@ -223,7 +223,7 @@ impl fmt::Display for RouteKey {
     }
 }
 
-fn check_endpoint(endpoint: &Endpoint, path: &FieldPath) -> Result<(), Issue> {
+pub(crate) fn check_endpoint(endpoint: &Endpoint, path: &FieldPath) -> Result<(), Issue> {
     if endpoint.path.is_empty() {
         return Err(Issue::new(path.key("path"), "path is required"));
     }

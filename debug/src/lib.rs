@@ -13,7 +13,7 @@
 //! | `/debug/ping` | 200 `pong` |
 //! | `/debug/pprof/profile?seconds=N` | CPU profile, pprof protobuf (uncompressed; `go tool pprof` reads it) |
 //! | `/debug/pprof/flamegraph?seconds=N` | CPU flame graph, SVG |
-//! | `/debug/config/inspect` | `{path, sha256, version, loaded_at, reloads, last_error}` |
+//! | `/debug/config/inspect` | `{path, sha256, version, loaded_at, reloads, last_error, source, store?, store_revision?}` |
 //! | `/debug/config/load` | the config in force |
 //! | `/debug/config/version` | `{"version": ...}` |
 //! | `/debug/proxy/router/inspect` | `[{path, method, host, protocol, backends}]` |

@@ -21,6 +21,9 @@ impl ConfigSource for FakeConfig {
             loaded_at: Some("2024-05-06T07:08:09Z".into()),
             reloads: 3,
             last_error: Some("line 2: bad".into()),
+            source: "file".into(),
+            store: None,
+            store_revision: String::new(),
         }
     }
 
@@ -231,6 +234,7 @@ async fn config_views() {
             "loaded_at": "2024-05-06T07:08:09Z",
             "reloads": 3,
             "last_error": "line 2: bad",
+            "source": "file",
         })
     );
     let load = get(&mux, "/debug/config/load").await;

@@ -26,6 +26,15 @@ pub struct ConfigStatus {
     pub reloads: u64,
     /// The last load or apply failure; the config in force stayed.
     pub last_error: Option<String>,
+    /// Where the config in force came from: `file`, or `store` when endpoints of the
+    /// config store (`--store`) are merged in.
+    pub source: String,
+    /// The config store's DSN (no credentials), when there is one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub store: Option<String>,
+    /// The store revision merged into the config in force ("" without a store).
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub store_revision: String,
 }
 
 /// The config source: the loader's status and the config in force.

@@ -205,6 +205,16 @@ impl Proxy {
         Ok(())
     }
 
+    /// Builds a complete router for `config` and closes it at once, swapping nothing: does
+    /// `update` succeed on this config? (The admin API asks before it stores a change.)
+    pub fn check(&self, config: &configs::Gateway) -> Result<(), UpdateError> {
+        let mut router = MuxRouter::new();
+        let mut routes = Vec::with_capacity(config.endpoints.len());
+        let built = self.build_routes(config, &mut router, &mut routes);
+        spawn_close(async move { router.sync_close(Duration::ZERO).await });
+        built
+    }
+
     fn build_routes(
         &self,
         config: &configs::Gateway,

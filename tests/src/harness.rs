@@ -156,6 +156,8 @@ pub struct TestGateway {
     pub tls_addrs: Vec<SocketAddr>,
     /// The `--metrics-addr` listener, when started with one.
     pub metrics_addr: Option<SocketAddr>,
+    /// The `--admin-addr` listener, when started with one.
+    pub admin_addr: Option<SocketAddr>,
     /// The config file it watches.
     pub conf: PathBuf,
     /// Scratch directory holding the config (and anything a test adds).
@@ -229,6 +231,7 @@ impl TestGateway {
                 addr: listening.addrs[0],
                 tls_addrs: listening.tls_addrs,
                 metrics_addr: listening.metrics_addr,
+                admin_addr: listening.admin_addr,
                 conf,
                 dir,
                 shutdown,

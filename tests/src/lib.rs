@@ -1,4 +1,5 @@
 //! Shared helpers for the end-to-end tests.
+pub mod admin;
 pub mod config;
 pub mod consul;
 pub mod ctrl;

@@ -122,9 +122,11 @@ async fn config_inspect_follows_reloads_and_errors() {
             "path",
             "reloads",
             "sha256",
+            "source",
             "version"
         ]
     );
+    assert_eq!(inspect["source"], "file");
     assert_eq!(inspect["path"], gw.conf.display().to_string());
     assert_eq!(inspect["sha256"], sha256_of(&gw.conf));
     assert_eq!(inspect["version"], "v1");

@@ -1,0 +1,341 @@
+//! A fleet of gateways sharing one config store in a real etcd (Debian's 3.4): a PUT
+//! through one gateway's admin API is routed by the other, both keep serving while etcd is
+//! down and catch up when it returns, and a gateway that dies without deregistering leaves
+//! the instance list when its lease ends.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use tests::admin::{self, TOKEN};
+use tests::assert_eventually;
+use tests::config;
+use tests::etcd::EtcdServer;
+use tests::eventually::expect_eq;
+use tests::harness::{TestGateway, Upstream, get};
+
+const PATIENCE: Duration = Duration::from_secs(10);
+
+/// The hidden lease TTL the tests run with, so a dead gateway is gone in seconds.
+const LEASE_TTL: &str = "2s";
+
+fn store_flags(etcd: &EtcdServer) -> Vec<String> {
+    let mut flags = admin::flags(&format!("etcd://{}/fleet", etcd.endpoint()));
+    flags.extend(["--store-lease-ttl".to_owned(), LEASE_TTL.to_owned()]);
+    flags
+}
+
+/// A gateway whose file config routes only `/file/*`, sharing `etcd`'s store.
+async fn member(etcd: &EtcdServer, file_target: &str) -> TestGateway {
+    let flags = store_flags(etcd);
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    TestGateway::start_with(&config::single("/file/*", file_target, ""), &flags)
+        .await
+        .expect("gateway starts")
+}
+
+/// Polls `url` every 2 ms (at most 10 s) until it answers 200; the time that took.
+async fn first_200(url: &str) -> Duration {
+    let started = Instant::now();
+    while started.elapsed() < PATIENCE {
+        if get(url).await.status == 200 {
+            return started.elapsed();
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    panic!("{url} did not answer 200 within {PATIENCE:?}");
+}
+
+async fn instance_addrs(admin_addr: SocketAddr) -> Vec<String> {
+    let reply = admin::get(admin_addr, "/admin/v1/instances").await;
+    if reply.status != 200 {
+        return vec![format!("status {}", reply.status)];
+    }
+    let mut addrs: Vec<String> = admin::json(&reply)
+        .as_array()
+        .expect("a list")
+        .iter()
+        .map(|instance| instance["addr"].as_str().unwrap_or_default().to_owned())
+        .collect();
+    addrs.sort();
+    addrs
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_put_on_one_gateway_is_routed_by_the_other() {
+    let etcd = EtcdServer::start().await;
+    let (file, added) = (
+        Upstream::named("file").await,
+        Upstream::named("added").await,
+    );
+    let one = member(&etcd, &file.target()).await;
+    let two = member(&etcd, &file.target()).await;
+    let (admin_one, admin_two) = (one.admin_addr.unwrap(), two.admin_addr.unwrap());
+
+    let mut latencies = Vec::new();
+    for round in 0..3 {
+        let path = format!("/added{round}/x");
+        assert_eq!(get(&two.url(&path)).await.status, 404);
+        let started = Instant::now();
+        let put = admin::put(
+            admin_one,
+            &format!("added{round}"),
+            &admin::endpoint(&format!("/added{round}/*"), &added.target()),
+            &[],
+        )
+        .await;
+        assert_eq!(put.status, 200, "{}", put.body);
+        let version = admin::json(&put)["version"].as_str().unwrap().to_owned();
+        first_200(&two.url(&path)).await;
+        latencies.push(started.elapsed());
+        assert_eq!(get(&two.url(&path)).await.body, "added");
+        // The other gateway's admin API sees the same endpoint and version.
+        let seen =
+            admin::json(&admin::get(admin_two, &format!("/admin/v1/endpoints/added{round}")).await);
+        assert_eq!(seen["version"], version);
+    }
+    for latency in &latencies {
+        println!(
+            "etcd fleet: PUT on gateway one -> first 200 on gateway two: {:.1} ms",
+            latency.as_secs_f64() * 1000.0
+        );
+    }
+
+    // Conditional writes work across gateways: the version one wrote is stale after two writes.
+    let v = admin::json(&admin::get(admin_one, "/admin/v1/endpoints/added0").await)["version"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let again = admin::put(
+        admin_two,
+        "added0",
+        &admin::endpoint("/added0/*", &file.target()),
+        &[("if-match", &v)],
+    )
+    .await;
+    assert_eq!(again.status, 200, "{}", again.body);
+    let stale = admin::put(
+        admin_one,
+        "added0",
+        &admin::endpoint("/added0/*", &added.target()),
+        &[("if-match", &v)],
+    )
+    .await;
+    assert_eq!(stale.status, 412, "{}", stale.body);
+    assert_eventually!(PATIENCE, "gateway one routes two's change", || async {
+        expect_eq(get(&one.url("/added0/x")).await.body, "file".to_owned())
+    });
+    let deleted = admin::delete(admin_one, "added1", &[]).await;
+    assert_eq!(deleted.status, 200, "{}", deleted.body);
+    assert_eventually!(PATIENCE, "gateway two drops the deleted route", || async {
+        expect_eq(get(&two.url("/added1/x")).await.status, 404)
+    });
+
+    // Both are listed, each with the store revision it applied.
+    let mut want = vec![admin_one.to_string(), admin_two.to_string()];
+    want.sort();
+    assert_eventually!(PATIENCE, "both gateways listed", || async {
+        expect_eq(instance_addrs(admin_one).await, want.clone())
+    });
+    let config = admin::json(&admin::get(admin_two, "/admin/v1/config").await);
+    assert_eq!(config["source"], "store");
+    assert_eq!(config["store"], format!("etcd://{}/fleet", etcd.endpoint()));
+    let revision = config["storeRevision"].as_str().unwrap().to_owned();
+    assert_eventually!(
+        PATIENCE,
+        "instances report the revision they applied",
+        || async {
+            let instances = admin::json(&admin::get(admin_one, "/admin/v1/instances").await);
+            let versions: Vec<String> = instances
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|i| i["version"].as_str().unwrap_or_default().to_owned())
+                .collect();
+            expect_eq(versions, vec![revision.clone(), revision.clone()])
+        }
+    );
+    let _ = TOKEN;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn both_gateways_serve_through_an_etcd_outage_and_catch_up() {
+    let mut etcd = EtcdServer::start().await;
+    let (file, added) = (
+        Upstream::named("file").await,
+        Upstream::named("added").await,
+    );
+    let one = member(&etcd, &file.target()).await;
+    let two = member(&etcd, &file.target()).await;
+    let (admin_one, admin_two) = (one.admin_addr.unwrap(), two.admin_addr.unwrap());
+    let put = admin::put(
+        admin_one,
+        "before",
+        &admin::endpoint("/before/*", &added.target()),
+        &[],
+    )
+    .await;
+    assert_eq!(put.status, 200, "{}", put.body);
+    first_200(&two.url("/before/x")).await;
+
+    etcd.kill();
+    let down = Instant::now();
+    // Both keep serving the last config throughout the outage.
+    while down.elapsed() < Duration::from_secs(3) {
+        for gw in [&one, &two] {
+            for path in ["/before/x", "/file/x"] {
+                let reply = get(&gw.url(path)).await;
+                assert_eq!(
+                    reply.status, 200,
+                    "{path} during the outage: {}",
+                    reply.body
+                );
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // A write cannot reach the store: refused, and nothing changes.
+    let refused = admin::put(
+        admin_two,
+        "during",
+        &admin::endpoint("/during/*", &added.target()),
+        &[],
+    )
+    .await;
+    assert_eq!(refused.status, 503, "{}", refused.body);
+    assert_eq!(get(&two.url("/during/x")).await.status, 404);
+
+    etcd.restart().await;
+    for gw in [&one, &two] {
+        assert_eq!(get(&gw.url("/before/x")).await.status, 200);
+    }
+    // Writes through either gateway reach the other again.
+    assert_eventually!(
+        PATIENCE,
+        "a PUT through gateway two succeeds again",
+        || async {
+            expect_eq(
+                admin::put(
+                    admin_two,
+                    "after",
+                    &admin::endpoint("/after/*", &added.target()),
+                    &[],
+                )
+                .await
+                .status,
+                200,
+            )
+        }
+    );
+    let latency = first_200(&one.url("/after/x")).await;
+    println!(
+        "etcd fleet after an etcd restart: PUT on two -> first 200 on one: {:.1} ms",
+        latency.as_secs_f64() * 1000.0
+    );
+    let put = admin::put(
+        admin_one,
+        "later",
+        &admin::endpoint("/later/*", &added.target()),
+        &[],
+    )
+    .await;
+    assert_eq!(put.status, 200, "{}", put.body);
+    first_200(&two.url("/later/x")).await;
+    // Both re-registered after the outage.
+    let mut want = vec![admin_one.to_string(), admin_two.to_string()];
+    want.sort();
+    assert_eventually!(PATIENCE, "both gateways listed again", || async {
+        expect_eq(instance_addrs(admin_two).await, want.clone())
+    });
+}
+
+/// A gateway on its own runtime and thread; `die()` drops that runtime, so every task of
+/// the gateway stops where it is (no deregistration), as a killed process would.
+struct Doomed {
+    admin_addr: SocketAddr,
+    die: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Doomed {
+    fn start(flags: Vec<String>, yaml: String) -> Doomed {
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let (die, die_rx) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .enable_all()
+                .build()
+                .expect("runtime");
+            let gateway = runtime.block_on(async move {
+                let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+                let gateway = TestGateway::start_with(&yaml, &flags)
+                    .await
+                    .expect("gateway starts");
+                ready_tx.send(gateway.admin_addr.unwrap()).expect("report");
+                let _ = die_rx.await;
+                gateway
+            });
+            // Every task (watch, lease keep-alive, servers) is dropped mid-flight.
+            runtime.shutdown_background();
+            drop(gateway);
+        });
+        let admin_addr = ready_rx
+            .recv_timeout(PATIENCE)
+            .expect("the doomed gateway started");
+        Doomed {
+            admin_addr,
+            die: Some(die),
+            thread: Some(thread),
+        }
+    }
+
+    fn die(&mut self) {
+        if let Some(die) = self.die.take() {
+            let _ = die.send(());
+        }
+        if let Some(thread) = self.thread.take() {
+            thread.join().expect("gateway thread");
+        }
+    }
+}
+
+impl Drop for Doomed {
+    fn drop(&mut self) {
+        self.die();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_that_dies_leaves_the_instance_list_after_its_lease() {
+    let etcd = EtcdServer::start().await;
+    let file = Upstream::named("file").await;
+    let survivor = member(&etcd, &file.target()).await;
+    let admin_addr = survivor.admin_addr.unwrap();
+    let mut doomed = Doomed::start(
+        store_flags(&etcd),
+        config::single("/file/*", &file.target(), ""),
+    );
+    let mut both = vec![admin_addr.to_string(), doomed.admin_addr.to_string()];
+    both.sort();
+    assert_eventually!(PATIENCE, "both gateways listed", || async {
+        expect_eq(instance_addrs(admin_addr).await, both.clone())
+    });
+
+    let died = Instant::now();
+    doomed.die();
+    // Still listed just after (nobody deregistered it), gone once the 2 s lease ends.
+    assert_eventually!(PATIENCE, "the dead gateway leaves the list", || async {
+        expect_eq(
+            instance_addrs(admin_addr).await,
+            vec![admin_addr.to_string()],
+        )
+    });
+    println!(
+        "etcd fleet: a dead gateway left the instance list {:.1} s after it died (lease TTL {LEASE_TTL})",
+        died.elapsed().as_secs_f64()
+    );
+    assert!(
+        died.elapsed() >= Duration::from_secs(1),
+        "it left by lease expiry, not by a revoke"
+    );
+}
