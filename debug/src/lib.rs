@@ -13,6 +13,9 @@
 //! | `/debug/ping` | 200 `pong` |
 //! | `/debug/pprof/profile?seconds=N` | CPU profile, pprof protobuf (uncompressed; `go tool pprof` reads it) |
 //! | `/debug/pprof/flamegraph?seconds=N` | CPU flame graph, SVG |
+//! | `/debug/pprof/` (or `/debug/pprof`) | HTML index of the profile views |
+//! | `/debug/pprof/heap` | heap profile, gzipped pprof protobuf, from the [`HeapProfiler`] the binary installs (501 without one) |
+//! | `/debug/runtime` | tokio's stable runtime metrics: `{flavor, workers, alive_tasks, global_queue_depth, per_worker}` |
 //! | `/debug/config/inspect` | `{path, sha256, version, loaded_at, reloads, last_error}` |
 //! | `/debug/config/load` | the config in force |
 //! | `/debug/config/version` | `{"version": ...}` |
@@ -30,12 +33,15 @@
 //! methods other than GET and HEAD get 405; unknown paths 404. Errors are
 //! `{"error": ...}` JSON, and no answer is cacheable.
 
+mod heap;
 mod mux;
 mod profile;
 mod query;
 mod response;
+mod runtime;
 mod views;
 
+pub use heap::HeapProfiler;
 pub use mux::{DebugMux, Debuggable, PREFIX, View};
 pub use profile::{DEFAULT_SECONDS, MAX_SECONDS};
 pub use query::Query;
