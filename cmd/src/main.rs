@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 fn main() -> ExitCode {
-    let mut cli = match Cli::try_parse_from(cmd::kratos_flags::rewrite(std::env::args_os())) {
+    let cli = match Cli::try_parse_from(cmd::kratos_flags::rewrite(std::env::args_os())) {
         Ok(cli) => cli,
         Err(err) if !err.use_stderr() => {
             let _ = err.print();
@@ -30,10 +30,10 @@ fn main() -> ExitCode {
         }
     };
     let _log_guard = init_logging();
-    #[cfg(unix)]
-    {
-        cli.heap_profiler = Some(dump_heap_profile);
-    }
+    let cli = Cli {
+        heap_profiler: HEAP_PROFILER,
+        ..cli
+    };
     if let Some((old, new)) = cmd::limits::raise_open_file_limit() {
         tracing::info!(old, new, "raised the open-file limit to the hard limit");
     }
@@ -69,6 +69,12 @@ fn main() -> ExitCode {
         }
     }
 }
+
+/// What serves `/debug/pprof/heap`: jemalloc's dump where jemalloc is the allocator.
+#[cfg(unix)]
+const HEAP_PROFILER: Option<debug::HeapProfiler> = Some(dump_heap_profile);
+#[cfg(not(unix))]
+const HEAP_PROFILER: Option<debug::HeapProfiler> = None;
 
 /// jemalloc's sampled live allocations as gzipped pprof protobuf (`/debug/pprof/heap`).
 /// Runs on a blocking thread, so it may wait for the profiler's lock.

@@ -25,6 +25,10 @@
 //! | `/debug/ctrl/inspect` | control-service status: `{ctrl_service, url, last_version, last_fetch, last_error, features, ...}` |
 //! | `/debug/ctrl/load` | the last release payload `{config, version, priorityConfigs}` (404 before one) |
 //!
+//! The heap profile needs a profiling allocator, which this crate does not choose: the
+//! binary hands a [`HeapProfiler`] (a plain function) to
+//! [`DebugMux::with_heap_profiler`]; without one the view answers 501.
+//!
 //! Choices: profiles last `seconds` (default 30, 1 to 60, else 400) and only one runs per
 //! process (409 for a second one). The watcher views without `service` answer a map of
 //! every watched service to its list (both views alike); an unwatched service is 404.
