@@ -15,7 +15,8 @@ use serde_json::Value;
 /// What `/debug/config/load` shows instead of a TLS private key.
 const REDACTED: &str = "(redacted)";
 
-/// Builds the mux with the config, router, watcher and control-service views.
+/// Builds the mux with the config, router, watcher and control-service views, and the heap
+/// profile when the binary hands over its allocator's dump.
 pub(crate) fn mux(
     loader: configs::ConfigLoader,
     composer: Arc<crate::admin::Composer>,
@@ -23,8 +24,12 @@ pub(crate) fn mux(
     proxy: Arc<Proxy>,
     watcher: Option<Arc<client::ServiceWatcher>>,
     ctrl: Option<configs_ctrl::CtrlLoader>,
+    heap_profiler: Option<debug::HeapProfiler>,
 ) -> DebugMux {
     let mut mux = DebugMux::new();
+    if let Some(dump) = heap_profiler {
+        mux = mux.with_heap_profiler(dump);
+    }
     mux.register(Arc::new(ConfigViews::new(Arc::new(LoaderSource {
         loader,
         composer,

@@ -59,6 +59,10 @@ pub struct Cli {
     /// Serve the /debug/* views (loopback peers without X-Forwarded-For only).
     #[arg(long)]
     pub debug: bool,
+    /// What serves `/debug/pprof/heap` (not a flag: the `gateway` binary sets it to its
+    /// jemalloc dump; without one, embedders and in-process tests, the view answers 501).
+    #[arg(skip)]
+    pub heap_profiler: Option<debug::HeapProfiler>,
     /// Also serve /metrics on this address (only /metrics; it stays on --addr too).
     #[arg(long, value_name = "HOST:PORT")]
     pub metrics_addr: Option<SocketAddr>,
@@ -455,6 +459,7 @@ async fn serve_until_shutdown(
             proxy.clone(),
             watcher.clone(),
             ctrl.clone(),
+            cli.heap_profiler,
         ))
     });
     let max_connections = cli

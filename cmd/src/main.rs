@@ -1,10 +1,19 @@
 //! The `gateway` binary: parses flags, sets up logging and signals, runs the gateway.
+//!
+//! On Unix its allocator is jemalloc with heap profiling: `.cargo/config.toml` sets
+//! `JEMALLOC_SYS_WITH_MALLOC_CONF` so jemalloc is built sampling live allocations from the
+//! start (one sample per 512 KiB allocated on average), and `/debug/pprof/heap` dumps them
+//! through `jemalloc_pprof`.
 
 use std::process::ExitCode;
 
 use clap::Parser;
 use cmd::Cli;
 use tokio_util::sync::CancellationToken;
+
+#[cfg(unix)]
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 fn main() -> ExitCode {
     let cli = match Cli::try_parse_from(cmd::kratos_flags::rewrite(std::env::args_os())) {
@@ -21,6 +30,10 @@ fn main() -> ExitCode {
         }
     };
     let _log_guard = init_logging();
+    let cli = Cli {
+        heap_profiler: HEAP_PROFILER,
+        ..cli
+    };
     if let Some((old, new)) = cmd::limits::raise_open_file_limit() {
         tracing::info!(old, new, "raised the open-file limit to the hard limit");
     }
@@ -55,6 +68,30 @@ fn main() -> ExitCode {
             ExitCode::from(2)
         }
     }
+}
+
+/// What serves `/debug/pprof/heap`: jemalloc's dump where jemalloc is the allocator.
+#[cfg(unix)]
+const HEAP_PROFILER: Option<debug::HeapProfiler> = Some(dump_heap_profile);
+#[cfg(not(unix))]
+const HEAP_PROFILER: Option<debug::HeapProfiler> = None;
+
+/// jemalloc's sampled live allocations as gzipped pprof protobuf (`/debug/pprof/heap`).
+/// Runs on a blocking thread, so it may wait for the profiler's lock.
+#[cfg(unix)]
+fn dump_heap_profile() -> Result<Vec<u8>, String> {
+    let Some(ctl) = jemalloc_pprof::PROF_CTL.as_ref() else {
+        return Err(
+            "jemalloc heap profiling is off: this binary was built without JEMALLOC_SYS_WITH_MALLOC_CONF=prof:true (see .cargo/config.toml)"
+                .to_owned(),
+        );
+    };
+    let mut ctl = ctl.blocking_lock();
+    if !ctl.activated() {
+        return Err("jemalloc heap profiling is not active (prof_active:false)".to_owned());
+    }
+    ctl.dump_pprof()
+        .map_err(|error| format!("jemalloc profile dump: {error:#}"))
 }
 
 /// Logs go to stderr through a background writer, so a slow terminal or pipe never stalls

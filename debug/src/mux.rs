@@ -9,6 +9,7 @@ use bytes::Bytes;
 use http::{HeaderValue, Method, Request, Response, StatusCode, header};
 use http_body_util::Full;
 
+use crate::heap::{self, HeapProfiler};
 use crate::profile::{self, Output};
 use crate::query::Query;
 use crate::response::DebugResponse;
@@ -41,9 +42,15 @@ pub trait Debuggable: Send + Sync {
 /// What the mux does with one path.
 enum Handler {
     Ping,
+    PprofIndex,
     Profile(Output),
+    Heap,
+    Runtime,
     View(Arc<dyn Debuggable>),
 }
+
+/// The index of the profiles, as Go's `net/http/pprof` serves it.
+const PPROF_INDEX: &str = "/debug/pprof/";
 
 /// Serves `/debug` and `/debug/*`: built-in views (index, ping, CPU profiles) and the views
 /// of every registered [`Debuggable`].
@@ -55,6 +62,7 @@ enum Handler {
 pub struct DebugMux {
     handlers: BTreeMap<&'static str, Handler>,
     descriptions: BTreeMap<&'static str, &'static str>,
+    heap_profiler: Option<HeapProfiler>,
 }
 
 impl Default for DebugMux {
@@ -64,12 +72,15 @@ impl Default for DebugMux {
 }
 
 impl DebugMux {
-    /// A mux with the built-in views: `/debug` (index), `/debug/ping`,
-    /// `/debug/pprof/profile` and `/debug/pprof/flamegraph`.
+    /// A mux with the built-in views: `/debug` (index), `/debug/ping`, `/debug/pprof/`
+    /// (index of the profiles), `/debug/pprof/profile`, `/debug/pprof/flamegraph`,
+    /// `/debug/pprof/heap` (501 until [`with_heap_profiler`](Self::with_heap_profiler)) and
+    /// `/debug/runtime`.
     pub fn new() -> Self {
         let mut mux = DebugMux {
             handlers: BTreeMap::new(),
             descriptions: BTreeMap::new(),
+            heap_profiler: None,
         };
         mux.add(
             View {
@@ -92,7 +103,35 @@ impl DebugMux {
             },
             Handler::Profile(Output::Flamegraph),
         );
+        mux.add(
+            View {
+                path: PPROF_INDEX,
+                description: "index of the profiles (CPU, flame graph, heap)",
+            },
+            Handler::PprofIndex,
+        );
+        mux.add(
+            View {
+                path: "/debug/pprof/heap",
+                description: "heap profile of sampled live allocations, gzipped pprof protobuf (go tool pprof); 501 without a profiling allocator",
+            },
+            Handler::Heap,
+        );
+        mux.add(
+            View {
+                path: "/debug/runtime",
+                description: "tokio runtime: workers, alive tasks, global queue depth, per-worker park counts and busy time",
+            },
+            Handler::Runtime,
+        );
         mux
+    }
+
+    /// Serves `/debug/pprof/heap` with `dump` (the binary hands over its allocator's
+    /// profile). Without one, the view answers 501.
+    pub fn with_heap_profiler(mut self, dump: HeapProfiler) -> Self {
+        self.heap_profiler = Some(dump);
+        self
     }
 
     /// Adds every view of `component`. A path that is already taken keeps its first owner
@@ -163,11 +202,19 @@ impl DebugMux {
         if path == PREFIX || path == "/debug/" {
             return self.index();
         }
+        let path = if path == "/debug/pprof" {
+            PPROF_INDEX
+        } else {
+            path
+        };
         match self.handlers.get(path) {
             Some(Handler::Ping) => {
                 DebugResponse::new(StatusCode::OK, "text/plain; charset=utf-8", "pong\n")
             }
+            Some(Handler::PprofIndex) => self.pprof_index(),
             Some(Handler::Profile(output)) => profile::serve(&query, *output).await,
+            Some(Handler::Heap) => heap::serve(self.heap_profiler).await,
+            Some(Handler::Runtime) => crate::runtime::serve(),
             Some(Handler::View(component)) => component.serve(path, &query),
             None => DebugResponse::error(
                 StatusCode::NOT_FOUND,
@@ -178,20 +225,35 @@ impl DebugMux {
 
     /// The HTML index: one link per view with its description.
     fn index(&self) -> DebugResponse {
-        let mut html = String::from(concat!(
-            "<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>gateway debug</title></head>\n",
-            "<body><h1>gateway debug views</h1>\n<ul>\n",
-        ));
-        for view in self.views() {
-            let path = escape_html(view.path);
-            html.push_str(&format!(
-                "<li><a href=\"{path}\">{path}</a> &mdash; {}</li>\n",
-                escape_html(view.description)
-            ));
-        }
-        html.push_str("</ul>\n</body></html>\n");
-        DebugResponse::new(StatusCode::OK, "text/html; charset=utf-8", html)
+        index_page("gateway debug views", self.views())
     }
+
+    /// The HTML index of the profiles: every view under `/debug/pprof/` but itself.
+    fn pprof_index(&self) -> DebugResponse {
+        let views = self
+            .views()
+            .into_iter()
+            .filter(|view| view.path.starts_with(PPROF_INDEX) && view.path != PPROF_INDEX)
+            .collect();
+        index_page("gateway profiles", views)
+    }
+}
+
+/// An HTML page titled `title` with one link per view and its description.
+fn index_page(title: &str, views: Vec<View>) -> DebugResponse {
+    let title = escape_html(title);
+    let mut html = format!(
+        "<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>{title}</title></head>\n<body><h1>{title}</h1>\n<ul>\n"
+    );
+    for view in views {
+        let path = escape_html(view.path);
+        html.push_str(&format!(
+            "<li><a href=\"{path}\">{path}</a> &mdash; {}</li>\n",
+            escape_html(view.description)
+        ));
+    }
+    html.push_str("</ul>\n</body></html>\n");
+    DebugResponse::new(StatusCode::OK, "text/html; charset=utf-8", html)
 }
 
 /// Why a request may not see the debug views, if it may not.

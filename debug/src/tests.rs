@@ -154,6 +154,9 @@ async fn index_links_every_view() {
             "/debug/ping",
             "/debug/pprof/profile",
             "/debug/pprof/flamegraph",
+            "/debug/pprof/",
+            "/debug/pprof/heap",
+            "/debug/runtime",
             "/debug/config/inspect",
             "/debug/config/load",
             "/debug/config/version",
@@ -168,7 +171,7 @@ async fn index_links_every_view() {
             );
         }
     }
-    assert_eq!(mux.views().len(), 9);
+    assert_eq!(mux.views().len(), 12);
 }
 
 #[tokio::test]
@@ -403,4 +406,93 @@ async fn ctrl_views_show_the_status_and_the_last_release() {
     let answer = get(&mux, "/debug/ctrl/inspect").await;
     assert_eq!(answer.status, StatusCode::NOT_FOUND);
     assert_eq!(answer.json(), json!({"error": "no control service"}));
+}
+
+#[tokio::test]
+async fn pprof_index_links_every_profile() {
+    let mux = full_mux();
+    for uri in ["/debug/pprof/", "/debug/pprof"] {
+        let answer = get(&mux, uri).await;
+        assert_eq!(answer.status, StatusCode::OK, "{uri}");
+        assert!(answer.content_type.starts_with("text/html"));
+        for path in [
+            "/debug/pprof/profile",
+            "/debug/pprof/flamegraph",
+            "/debug/pprof/heap",
+        ] {
+            assert!(
+                answer.body.contains(&format!("<a href=\"{path}\">")),
+                "{uri} lacks {path}: {}",
+                answer.body
+            );
+        }
+        assert!(!answer.body.contains("/debug/config/"), "{}", answer.body);
+    }
+}
+
+#[tokio::test]
+async fn heap_without_profiler_is_501() {
+    let answer = get(&full_mux(), "/debug/pprof/heap").await;
+    assert_eq!(answer.status, StatusCode::NOT_IMPLEMENTED);
+    let error = answer.json()["error"].as_str().unwrap().to_owned();
+    assert!(error.contains("no heap profiler"), "{error}");
+}
+
+#[tokio::test]
+async fn heap_answers_what_the_profiler_dumps() {
+    fn dump() -> Result<Vec<u8>, String> {
+        Ok(vec![0x1f, 0x8b, 1, 2, 3])
+    }
+    fn failing() -> Result<Vec<u8>, String> {
+        Err("prof.dump: no space left".into())
+    }
+    let mux = DebugMux::new().with_heap_profiler(dump);
+    let response = mux
+        .handle(
+            Request::get("/debug/pprof/heap").body(()).unwrap(),
+            loopback(),
+        )
+        .await;
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(
+        response.headers()[header::CONTENT_TYPE],
+        "application/octet-stream"
+    );
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(&body[..], [0x1f, 0x8b, 1, 2, 3]);
+
+    let mux = DebugMux::new().with_heap_profiler(failing);
+    let answer = get(&mux, "/debug/pprof/heap").await;
+    assert_eq!(answer.status, StatusCode::INTERNAL_SERVER_ERROR);
+    assert!(answer.body.contains("no space left"), "{}", answer.body);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 3)]
+async fn runtime_view_shows_workers_and_tasks() {
+    let (release, released) = tokio::sync::watch::channel(false);
+    let waiting: Vec<_> = (0..5)
+        .map(|_| {
+            let mut released = released.clone();
+            tokio::spawn(async move { released.wait_for(|done| *done).await.map(|_| ()) })
+        })
+        .collect();
+    let answer = get(&DebugMux::new(), "/debug/runtime").await;
+    assert_eq!(answer.status, StatusCode::OK);
+    let runtime = answer.json();
+    assert_eq!(runtime["flavor"], "multi_thread", "{runtime}");
+    assert_eq!(runtime["workers"], 3, "{runtime}");
+    assert!(runtime["alive_tasks"].as_u64().unwrap() >= 5, "{runtime}");
+    assert!(runtime["global_queue_depth"].is_u64(), "{runtime}");
+    let workers = runtime["per_worker"].as_array().unwrap();
+    assert_eq!(workers.len(), 3, "{runtime}");
+    for (index, worker) in workers.iter().enumerate() {
+        assert_eq!(worker["worker"], index);
+        assert!(worker["park_count"].is_u64(), "{worker}");
+        assert!(worker["park_unpark_count"].is_u64(), "{worker}");
+        assert!(worker["busy_seconds"].is_f64(), "{worker}");
+    }
+    release.send(true).unwrap();
+    for task in waiting {
+        task.await.unwrap().unwrap();
+    }
 }

@@ -1,5 +1,6 @@
 //! The `/debug` views of the real gateway (started with `--debug`): shapes of every JSON
-//! view, the index, protection against proxied requests, and CPU profiles.
+//! view, the index, protection against proxied requests, CPU profiles, the profile index,
+//! the heap profile without a profiling allocator, and the runtime view.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -52,6 +53,9 @@ async fn index_links_every_view_and_ping_answers() {
         "/debug/ping",
         "/debug/pprof/profile",
         "/debug/pprof/flamegraph",
+        "/debug/pprof/",
+        "/debug/pprof/heap",
+        "/debug/runtime",
         "/debug/config/inspect",
         "/debug/config/load",
         "/debug/config/version",
@@ -344,4 +348,51 @@ async fn cpu_profile_and_flamegraph() {
 
     stop.store(true, Ordering::Relaxed);
     let _ = burner.join();
+}
+
+/// The in-process gateway runs on the default allocator: the profile index lists the heap
+/// profile, which answers 501 saying why; the runtime view shows the test's runtime.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pprof_index_heap_without_profiler_and_runtime() {
+    let gw = TestGateway::start(&config("v1", &[("/a", "127.0.0.1:9")])).await;
+
+    for path in ["/debug/pprof/", "/debug/pprof"] {
+        let index = get(&gw.url(path)).await;
+        assert_eq!(index.status, 200, "{path}: {}", index.body);
+        assert!(index.header("content-type").starts_with("text/html"));
+        for view in [
+            "/debug/pprof/profile",
+            "/debug/pprof/flamegraph",
+            "/debug/pprof/heap",
+        ] {
+            assert!(
+                index.body.contains(&format!("href=\"{view}\"")),
+                "{path} does not link {view}:\n{}",
+                index.body
+            );
+        }
+    }
+
+    let (status, body) = get_json(&gw, "/debug/pprof/heap").await;
+    assert_eq!(status, 501, "{body}");
+    assert!(
+        body["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("no heap profiler")),
+        "{body}"
+    );
+
+    let (status, runtime) = get_json(&gw, "/debug/runtime").await;
+    assert_eq!(status, 200, "{runtime}");
+    assert_eq!(runtime["flavor"], "multi_thread", "{runtime}");
+    assert_eq!(runtime["workers"], 2, "{runtime}");
+    // At least the gateway's accept loop and the connection serving this request.
+    assert!(runtime["alive_tasks"].as_u64().unwrap() >= 2, "{runtime}");
+    assert!(runtime["global_queue_depth"].is_u64(), "{runtime}");
+    let workers = runtime["per_worker"].as_array().unwrap();
+    assert_eq!(workers.len(), 2, "{runtime}");
+    for worker in workers {
+        assert!(worker["park_count"].is_u64(), "{worker}");
+        assert!(worker["busy_seconds"].as_f64().is_some(), "{worker}");
+    }
 }
