@@ -276,6 +276,20 @@ async fn serve_until_shutdown(
     on_ready: impl FnOnce(Listening),
 ) -> Result<(), String> {
     let tls_pairs = tls_pairs(&cli)?;
+    if let Some(dsn) = &cli.redis {
+        middleware_builtin::redis_store::check_dsn(dsn).map_err(|err| format!("--redis: {err}"))?;
+    }
+    let admin_token = match (&cli.admin_addr, &cli.admin_token) {
+        (Some(_), Some(token)) if !token.is_empty() => Some(token.clone()),
+        (Some(_), _) => {
+            return Err(
+                "--admin-addr needs a token: set --admin-token or GATEWAY_ADMIN_TOKEN".to_owned(),
+            );
+        }
+        (None, _) => None,
+    };
+    // The --redis and admin-token checks come first, so a bad one stops start-up before the
+    // control service is asked for anything (and before it writes --conf).
     // With a control service, its release is written before the first load (if it answers
     // within one round), so the gateway starts on it.
     let ctrl = match control_service(&cli)? {
@@ -290,18 +304,6 @@ async fn serve_until_shutdown(
             Some(ctrl)
         }
         None => None,
-    };
-    if let Some(dsn) = &cli.redis {
-        middleware_builtin::redis_store::check_dsn(dsn).map_err(|err| format!("--redis: {err}"))?;
-    }
-    let admin_token = match (&cli.admin_addr, &cli.admin_token) {
-        (Some(_), Some(token)) if !token.is_empty() => Some(token.clone()),
-        (Some(_), _) => {
-            return Err(
-                "--admin-addr needs a token: set --admin-token or GATEWAY_ADMIN_TOKEN".to_owned(),
-            );
-        }
-        (None, _) => None,
     };
     // The admin API always has a store; without one, a gateway only follows --store if set.
     let store_dsn = cli.store.clone().or_else(|| {
