@@ -8,14 +8,18 @@ use http_body::{Body as HttpBody, Frame, SizeHint};
 use middleware::BoxError;
 use selector::{Done, DoneInfo};
 
+use crate::pool::Lease;
+
 pin_project_lite::pin_project! {
     /// Wraps an upstream body; reports `Done` at end of stream (success as decided at
-    /// headers time) or on a body error (failure). Dropped early = cancelled.
+    /// headers time) or on a body error (failure). Dropped early = cancelled. A body read to
+    /// its end also gives its HTTP/1.1 connection back to the node's pool.
     pub struct DoneBody<B> {
         #[pin]
         inner: B,
         done: Option<Done>,
         success: bool,
+        lease: Option<Lease>,
     }
 }
 
@@ -26,6 +30,17 @@ impl<B> DoneBody<B> {
             inner,
             done: Some(done),
             success,
+            lease: None,
+        }
+    }
+
+    /// As [`DoneBody::new`], returning `lease`'s connection to its pool at end of stream.
+    pub(crate) fn with_lease(inner: B, done: Done, success: bool, lease: Option<Lease>) -> Self {
+        Self {
+            inner,
+            done: Some(done),
+            success,
+            lease,
         }
     }
 }
@@ -42,23 +57,26 @@ where
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let this = self.project();
-        match this.inner.poll_frame(cx) {
+        let mut this = self.project();
+        match this.inner.as_mut().poll_frame(cx) {
             Poll::Ready(None) => {
-                if let Some(done) = this.done.take() {
-                    done.done(DoneInfo {
-                        success: *this.success,
-                    });
-                }
+                finish(this.lease, this.done, *this.success);
                 Poll::Ready(None)
             }
             Poll::Ready(Some(Err(err))) => {
-                if let Some(done) = this.done.take() {
-                    done.done(DoneInfo { success: false });
-                }
+                this.lease.take();
+                finish(&mut None, this.done, false);
                 Poll::Ready(Some(Err(err.into())))
             }
-            other => other.map(|frame| frame.map(|frame| frame.map_err(Into::into))),
+            Poll::Ready(Some(Ok(frame))) => {
+                // hyper stops polling a body that says it has ended (a Content-Length body
+                // after its last bytes), so the end is seen here too.
+                if this.inner.is_end_stream() {
+                    finish(this.lease, this.done, *this.success);
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Pending => Poll::Pending,
         }
     }
 
@@ -68,5 +86,15 @@ where
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
+    }
+}
+
+/// The body ended: the connection goes back to its pool, the pick reports its outcome.
+fn finish(lease: &mut Option<Lease>, done: &mut Option<Done>, success: bool) {
+    if let Some(lease) = lease.take() {
+        lease.release();
+    }
+    if let Some(done) = done.take() {
+        done.done(DoneInfo { success });
     }
 }

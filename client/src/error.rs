@@ -13,7 +13,7 @@ pub enum Error {
         address: String,
         /// The cause.
         #[source]
-        source: hyper_util::client::legacy::Error,
+        source: middleware::BoxError,
     },
     /// The node reset or broke the exchange (502).
     #[error("upstream {address}: {source}")]
@@ -22,7 +22,7 @@ pub enum Error {
         address: String,
         /// The cause.
         #[source]
-        source: hyper_util::client::legacy::Error,
+        source: middleware::BoxError,
     },
     /// The node's response head is larger than the limit (502); it is dropped unread.
     #[error("upstream {address}: response head larger than {limit} bytes")]

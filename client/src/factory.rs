@@ -7,23 +7,18 @@ use std::time::Duration;
 
 use futures_util::future::BoxFuture;
 use http::header::{CONTENT_LENGTH, HOST, TRANSFER_ENCODING};
-use http::uri::{Authority, PathAndQuery, Scheme};
-use http::{HeaderMap, HeaderValue, Request, Response, Uri, Version};
+use http::uri::PathAndQuery;
+use http::{HeaderMap, HeaderValue, Request, Response, StatusCode, Uri, Version};
 use http_body_util::BodyExt;
-use hyper_rustls::HttpsConnector;
-use hyper_util::client::legacy::Client as HyperClient;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
 use middleware::{Body, BoxError, RequestOptions};
 use selector::{Algorithm, DoneInfo, Node, NodeFilter, SelectError, Selector};
 
 use crate::applier::NodeApplier;
 use crate::body::DoneBody;
 use crate::error::{BuildError, Error};
+use crate::pool::{NodePool, PoolSettings, Pools, Transport};
 use crate::tls;
 use crate::watcher::ServiceWatcher;
-
-type Pool = HyperClient<HttpsConnector<HttpConnector>, Body>;
 
 /// Default of [`ClientOptions::connect_timeout`].
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
@@ -78,21 +73,28 @@ pub struct ClientSpec<'a> {
 #[derive(Clone)]
 pub struct Factory {
     options: ClientOptions,
-    http1: Pool,
-    h2c: Pool,
+    pools: Arc<Pools>,
+    http1: Arc<Transport>,
+    h2: Arc<Transport>,
     watcher: Option<Arc<ServiceWatcher>>,
 }
 
 impl Factory {
     /// A factory; `watcher` resolves `discovery:///` targets (None = no registry configured).
+    /// Made inside a tokio runtime, it also sweeps idle connections out of its pools.
     pub fn new(options: ClientOptions, watcher: Option<Arc<ServiceWatcher>>) -> Self {
         let default_tls = tls::default_client_config();
-        let http1 = pool(&options, default_tls.clone(), false);
-        let h2c = pool(&options, default_tls, true);
+        let pools = Pools::new(PoolSettings {
+            connect_timeout: options.connect_timeout,
+            idle_timeout: options.pool_idle_timeout,
+            max_idle: options.pool_max_idle_per_host,
+            max_buf_size: options.max_response_header_size.max(8192),
+        });
         Self {
             options,
-            http1,
-            h2c,
+            pools,
+            http1: Transport::new(default_tls.clone(), false),
+            h2: Transport::new(default_tls, true),
             watcher,
         }
     }
@@ -111,7 +113,7 @@ impl Factory {
         let selector = selector::build(algorithm);
         let grpc = spec.protocol == configs::Protocol::Grpc;
         let custom_tls = spec.backends.iter().find(|b| !b.tls_config_name.is_empty());
-        let http = match custom_tls {
+        let transport = match custom_tls {
             Some(backend) => {
                 let name = &backend.tls_config_name;
                 let settings = spec.tls_store.get(name).ok_or_else(|| BuildError::Tls {
@@ -122,9 +124,9 @@ impl Factory {
                     name: name.clone(),
                     reason,
                 })?;
-                pool(&self.options, config, grpc)
+                Transport::new(config, grpc)
             }
-            None if grpc => self.h2c.clone(),
+            None if grpc => self.h2.clone(),
             None => self.http1.clone(),
         };
         let applier = NodeApplier::new(spec, selector.clone(), self.watcher.clone())?;
@@ -136,37 +138,14 @@ impl Factory {
         Ok(Client {
             inner: Arc::new(Inner {
                 selector,
-                http,
+                pools: self.pools.clone(),
+                transport,
                 applier,
                 version,
                 max_response_header_size: self.options.max_response_header_size,
             }),
         })
     }
-}
-
-fn pool(options: &ClientOptions, tls: rustls::ClientConfig, http2_only: bool) -> Pool {
-    let mut http = HttpConnector::new();
-    http.enforce_http(false);
-    http.set_nodelay(true);
-    http.set_connect_timeout(Some(options.connect_timeout));
-    http.set_keepalive(Some(Duration::from_secs(60)));
-    let builder = hyper_rustls::HttpsConnectorBuilder::new()
-        .with_tls_config(tls)
-        .https_or_http();
-    let connector = if http2_only {
-        builder.enable_http2().wrap_connector(http)
-    } else {
-        builder.enable_http1().wrap_connector(http)
-    };
-    HyperClient::builder(TokioExecutor::new())
-        .timer(TokioTimer::new())
-        .pool_timer(TokioTimer::new())
-        .pool_idle_timeout(options.pool_idle_timeout)
-        .pool_max_idle_per_host(options.pool_max_idle_per_host)
-        .http1_max_buf_size(options.max_response_header_size.max(8192))
-        .http2_only(http2_only)
-        .build(connector)
 }
 
 /// One endpoint's innermost RoundTripper. Cheap to clone.
@@ -177,7 +156,8 @@ pub struct Client {
 
 struct Inner {
     selector: Arc<dyn Selector>,
-    http: Pool,
+    pools: Arc<Pools>,
+    transport: Arc<Transport>,
     applier: NodeApplier,
     version: Version,
     max_response_header_size: usize,
@@ -295,21 +275,31 @@ impl Inner {
         {
             req.headers_mut().insert(HOST, value);
         }
-        // Re-address the request, keeping its path and query (no copy of them).
-        let mut parts = std::mem::take(req.uri_mut()).into_parts();
-        parts.scheme = Some(if node.tls {
-            Scheme::HTTPS
-        } else {
-            Scheme::HTTP
-        });
-        let authority = node
+        let pool: Arc<NodePool> = node
             .transport
-            .get_or_try_init(|| node.address.parse::<Authority>().ok())
+            .get_or_try_init(|| {
+                self.pools
+                    .node_pool(&node.address, node.tls, &self.transport)
+            })
             .cloned()
             .ok_or_else(|| Error::BadAddress {
                 address: node.address.clone(),
             })?;
-        parts.authority = Some(authority);
+        // Re-address the request, keeping its path and query (no copy of them): origin-form
+        // for HTTP/1.1 (with a Host when the request had none), absolute for HTTP/2.
+        let mut parts = std::mem::take(req.uri_mut()).into_parts();
+        if pool.is_h2() {
+            parts.scheme = Some(pool.scheme.clone());
+            parts.authority = Some(pool.authority.clone());
+        } else {
+            parts.scheme = None;
+            parts.authority = None;
+            if !req.headers().contains_key(HOST)
+                && let Ok(value) = HeaderValue::from_str(pool.authority.as_str())
+            {
+                req.headers_mut().insert(HOST, value);
+            }
+        }
         if parts.path_and_query.is_none() {
             parts.path_and_query = Some(PathAndQuery::from_static("/"));
         }
@@ -318,8 +308,8 @@ impl Inner {
             source: source.into(),
         })?;
         *req.version_mut() = self.version;
-        match self.http.request(req).await {
-            Ok(response) => {
+        match pool.send(req).await {
+            Ok((response, lease)) => {
                 let (head_size, has_transfer_encoding) = head_facts(response.headers());
                 if head_size > self.max_response_header_size {
                     done.done(DoneInfo { success: false });
@@ -337,22 +327,22 @@ impl Inner {
                 if has_transfer_encoding {
                     parts.headers.remove(CONTENT_LENGTH);
                 }
+                // After a 101 the connection belongs to the upgrade, never to the pool.
+                let lease = lease.filter(|_| parts.status != StatusCode::SWITCHING_PROTOCOLS);
                 let body = if http_body::Body::is_end_stream(&body) {
+                    if let Some(lease) = lease {
+                        lease.release();
+                    }
                     done.done(DoneInfo { success });
                     body.map_err(BoxError::from).boxed_unsync()
                 } else {
-                    DoneBody::new(body, done, success).boxed_unsync()
+                    DoneBody::with_lease(body, done, success, lease).boxed_unsync()
                 };
                 Ok(Response::from_parts(parts, body))
             }
-            Err(source) => {
+            Err(error) => {
                 done.done(DoneInfo { success: false });
-                let address = node.address.clone();
-                if source.is_connect() {
-                    Err(Error::Connect { address, source })
-                } else {
-                    Err(Error::Upstream { address, source })
-                }
+                Err(error)
             }
         }
     }

@@ -11,6 +11,7 @@ mod applier;
 mod body;
 mod error;
 mod factory;
+mod pool;
 mod tls;
 mod watcher;
 

@@ -2,7 +2,7 @@
 //!
 //! On Unix its allocator is jemalloc with heap profiling: `.cargo/config.toml` sets
 //! `JEMALLOC_SYS_WITH_MALLOC_CONF` so jemalloc is built sampling live allocations from the
-//! start (one sample per 512 KiB allocated on average), and `/debug/pprof/heap` dumps them
+//! start (one sample per 8 MiB allocated on average), and `/debug/pprof/heap` dumps them
 //! through `jemalloc_pprof`.
 
 use std::process::ExitCode;

@@ -29,7 +29,7 @@ fn spawn_gateway(config: &str) -> (Gateway, String) {
         .env("RUST_LOG", "info")
         .env("NO_COLOR", "1")
         // jemalloc (built with the `_rjem_` prefix) merges this over its build-time
-        // options: a sample per 4 KiB instead of per 512 KiB, so a fresh gateway's few MiB
+        // options: a sample per 4 KiB instead of per 8 MiB, so a fresh gateway's few MiB
         // of live memory surely hold samples. Profiling itself (prof:true) still has to come
         // from the build (.cargo/config.toml).
         .env("_RJEM_MALLOC_CONF", "lg_prof_sample:12")

@@ -15,7 +15,13 @@ const NS: &str = "/microservices";
 /// A gateway config proxying `/svc/*` (and `extra_path`) to `discovery:///{service}`.
 fn watching(service: &str, extra_path: Option<&str>) -> String {
     let target = format!("discovery:///{service}");
-    let mut endpoints = vec![config::endpoint("/svc/*", &target, "    timeout: 2s\n")];
+    // wrr, so 20 requests reach every node: p2c would rightly keep sending sequential
+    // requests to the node with the lowest measured latency.
+    let mut endpoints = vec![config::endpoint(
+        "/svc/*",
+        &target,
+        "    timeout: 2s\n    selector: wrr\n",
+    )];
     if let Some(path) = extra_path {
         endpoints.push(config::endpoint(path, &target, ""));
     }
