@@ -4,7 +4,8 @@
 usage: report.py RESULTS.tsv OUT.md OUT.svg
 
 RESULTS.tsv has one line per measurement: GROUP, TARGET, METRIC, VALUE (tab-separated).
-Groups: main, middleware, selector, routes, memory, tls, redis, tracing (numbers); meta, skip, note (text).
+Groups: main, middleware, selector, routes, memory, tls, redis, tracing, h2, bodies (numbers);
+meta, skip, note (text).
 Every figure is shown as median [min–max] over the rounds.
 """
 
@@ -146,7 +147,8 @@ def main_section(data, out):
     return present
 
 
-def scenario_table(data, out, group, title, variants, columns, baseline=None):
+def scenario_table(data, out, group, title, variants, columns, baseline=None, ratio_of=None):
+    """One row per variant; with ratio_of (a, b), a last row of the medians' ratios a / b."""
     rows = [v for v in variants if any(k[0] == group and k[1] == v for k in data)]
     if not rows:
         return
@@ -163,18 +165,27 @@ def scenario_table(data, out, group, title, variants, columns, baseline=None):
         if baseline:
             cells.append(ratio(median(data[(group, v, "rps")]), base))
         out.append(f"| {v} | " + " | ".join(cells) + " |")
+    if ratio_of and all(v in rows for v in ratio_of):
+        a, b = ratio_of
+        cells = ["" if key == "errors" or key in NO_RATIO else
+                 ratio(median(data[(group, a, key)]), median(data[(group, b, key)])) for key, _, _ in columns]
+        if baseline:
+            cells.append("")
+        out.append(f"| {a} / {b} | " + " | ".join(cells) + " |")
     out.append("")
 
 
 def variants_title(group):
     return {"middleware": "config", "selector": "selector", "routes": "endpoints", "memory": "target",
-            "tls": "target", "redis": "ratelimit bucket", "tracing": "config"}[group]
+            "tls": "target", "redis": "ratelimit bucket", "tracing": "config", "h2": "target",
+            "bodies": "through"}[group]
 
 
 def scenarios(data, out):
     load_cols = [("rps", "req/s", "int"), ("p50_ms", "p50 ms", "ms"), ("p99_ms", "p99 ms", "ms"),
                  ("cpu_us", "CPU µs/req", "us"), ("errors", "errors", "int")]
-    if any(k[0] in ("middleware", "selector", "routes", "memory", "tls", "redis", "tracing") for k in data):
+    if any(k[0] in ("middleware", "selector", "routes", "memory", "tls", "redis", "tracing", "h2", "bodies")
+           for k in data):
         out.append("## Gateway scenarios\n")
     scenario_table(data, out, "middleware", "Middleware chain (logging, cors, ratelimit, rewrite) vs bare",
                    ["bare", "chain"], load_cols + [("ir", "Ir/req", "int")], ("bare", "bare"))
@@ -198,6 +209,50 @@ def scenarios(data, out):
     scenario_table(data, out, "tls", "TLS new handshakes (`Connection: close`: one request per connection)",
                    [f"{t}-handshake" for t in tls_rows], load_cols, ("nginx-handshake", "nginx"))
     memory_table(data, out, "tls", "TLS keep-alive connections", tls_rows)
+    scenario_table(data, out, "h2", "HTTP/2 downstream (h2c prior knowledge, `h2load -c 10 -m 10`)",
+                   ["nginx", "gateway"],
+                   [("rps", "req/s", "int"), ("mean_ms", "mean ms", "ms"), ("p50_ms", "p50 ms", "ms"),
+                    ("p99_ms", "p99 ms", "ms"), ("cpu_us", "CPU µs/req", "us"), ("cpu_pct", "proxy CPU %", "pct"),
+                    ("ir", "Ir/req", "int"), ("other_pct", "others' CPU %", "pct"), ("errors", "errors", "int")],
+                   ratio_of=("gateway", "nginx"))
+    if any(k[0] == "h2" for k in data):
+        out.append("Both proxies reach the upstream over HTTP/1.1 keep-alive. mean: h2load's own; p50/p99:")
+        out.append("from its per-request log (request start to the end of its response).\n")
+    bodies_tables(data, out)
+
+
+def bodies_tables(data, out):
+    """Large bodies: MiB/s and the proxy's RSS around each transfer, one table per direction."""
+    for kind, what in (("down", "download"), ("up", "upload (PUT)")):
+        mib = median(data[("bodies", "-", f"{kind}_mib")])
+        rows = [t for t in ("direct", "nginx", "gateway") if data[("bodies", t, f"{kind}_errors")]]
+        if not rows or mib is None:
+            continue
+        out.append(f"### Large bodies: {mib:,.0f} MiB {what}, streamed\n")
+        out.append("| through | MiB/s | seconds | proxy CPU ms | RSS before MiB | RSS peak MiB | RSS growth MiB "
+                   "| RSS after MiB | others' CPU % | failed |")
+        out.append("|---|---|---|---|---|---|---|---|---|---|")
+        for t in rows:
+            key = lambda metric: data[("bodies", t, f"{kind}_{metric}")]  # noqa: E731
+            before, peak = median(key("rss_before_kb")), median(key("rss_peak_kb"))
+            # the peak restarts from the RSS of the moment it is reset, which may be a little
+            # under the RSS read just before: no growth, not a negative one
+            growth = [max(0, p - b) for p, b in zip(key("rss_peak_kb"), key("rss_before_kb"))]
+            out.append(f"| {t} | {cell(key('mibps'), 'us')} | {cell(key('s'), 'ms')} | {cell(key('cpu_ms'), 'int')} "
+                       f"| {fmt(before, 'kib')} | {fmt(peak, 'kib')} | {cell(growth, 'kib')} "
+                       f"| {fmt(median(key('rss_after_kb')), 'kib')} | {cell(key('other_pct'), 'pct')} "
+                       f"| {fmt(sum(key('errors')), 'int')} |")
+        if "gateway" in rows and "nginx" in rows:
+            speed = ratio(median(data[("bodies", "gateway", f"{kind}_mibps")]),
+                          median(data[("bodies", "nginx", f"{kind}_mibps")]))
+            cpu = ratio(median(data[("bodies", "gateway", f"{kind}_cpu_ms")]),
+                        median(data[("bodies", "nginx", f"{kind}_cpu_ms")]))
+            out.append(f"| gateway / nginx | {speed} | | {cpu} | | | | | | |")
+        out.append("")
+    if any(k[0] == "bodies" for k in data):
+        out.append("direct: curl straight to the upstream, the ceiling. RSS peak: VmHWM, reset before each")
+        out.append("transfer; a growth near the body's size would mean the proxy holds the whole body. MiB/s")
+        out.append("counts the body over curl's total time; curl and the upstream share CPU 0.\n")
 
 
 def memory_table(data, out, group, what, candidates):
