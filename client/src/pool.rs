@@ -226,13 +226,17 @@ impl NodePool {
         self: &Arc<Self>,
         mut req: Request<Body>,
     ) -> Result<(Response<Incoming>, Option<Lease>), Error> {
+        // The dialing futures (TCP, TLS, handshake) are boxed: inline, they would make every
+        // request's future several KiB larger, copied on each move.
         if self.transport.h2 {
-            return self.send_h2(req).await.map(|response| (response, None));
+            return Box::pin(self.send_h2(req))
+                .await
+                .map(|response| (response, None));
         }
         loop {
             let (mut sender, reused) = match self.take_idle() {
                 Some(sender) => (sender, true),
-                None => (self.dial_h1().await?, false),
+                None => (Box::pin(self.dial_h1()).await?, false),
             };
             match sender.try_send_request(req).await {
                 Ok(response) => {
