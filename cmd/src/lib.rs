@@ -138,7 +138,8 @@ pub struct Cli {
     #[arg(long, env = "GATEWAY_ADMIN_TOKEN", hide_env_values = true)]
     pub admin_token: Option<String>,
     /// Where admin-managed endpoints live: file://DIR (default: --priority-dir, else
-    /// ./gateway-store) or etcd://HOST:PORT[,HOST:PORT]/PREFIX (shared by a fleet).
+    /// ./gateway-store), etcd://HOST:PORT[,HOST:PORT]/PREFIX or consul://HOST:PORT/PREFIX
+    /// (shared by a fleet).
     #[arg(long, value_name = "DSN")]
     pub store: Option<String>,
     /// TTL of this gateway's entry in a shared store's instance list.

@@ -2,14 +2,19 @@
 //! gateway started with the same `--store`.
 //!
 //! ```text
-//! file://DIR                      one YAML file per endpoint (the default; this gateway only)
-//! etcd://HOST:PORT[,...]/PREFIX   PREFIX/endpoints/<id>, PREFIX/instances/<id> (leased)
+//! file://DIR                          one YAML file per endpoint (the default; this gateway only)
+//! etcd://HOST:PORT[,...]/PREFIX       PREFIX/endpoints/<id>, PREFIX/instances/<id> (leased)
+//! consul://HOST:PORT/PREFIX[?token=]  the same keys in Consul's KV, instances held by a
+//!                                     TTL session (ACL token: ?token= or CONSUL_HTTP_TOKEN)
 //! ```
 //!
 //! A store answers reads and conditional writes, publishes every change as a full
 //! [`Snapshot`] on a `tokio::sync::watch` channel (the gateway merges it into its config),
-//! and lists the gateways sharing it.
+//! and lists the gateways sharing it. The shared stores watch rather than poll (etcd: a
+//! watch stream; Consul: blocking queries), keep publishing their last snapshot while the
+//! store is unreachable, and catch up when it returns.
 
+mod consul;
 mod etcd;
 mod file;
 
@@ -21,6 +26,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
+pub(crate) use consul::ConsulStore;
 pub(crate) use etcd::EtcdStore;
 pub(crate) use file::FileStore;
 
@@ -103,8 +109,9 @@ pub(crate) trait ConfigStore: Send + Sync {
     async fn instances(&self) -> Result<Vec<InstanceInfo>, StoreError>;
 }
 
-/// Opens the store `dsn` (`file://DIR` or `etcd://HOST:PORT[,...]/PREFIX`). Its background
-/// tasks (watch, instance lease) end with `shutdown`.
+/// Opens the store `dsn` (`file://DIR`, `etcd://HOST:PORT[,...]/PREFIX` or
+/// `consul://HOST:PORT/PREFIX`). Its background tasks (watch, instance lease or session)
+/// end with `shutdown`.
 pub(crate) fn open(
     dsn: &str,
     lease_ttl: Duration,
@@ -119,8 +126,11 @@ pub(crate) fn open(
     if let Some(rest) = dsn.strip_prefix("etcd://") {
         return Ok(Arc::new(EtcdStore::open(rest, lease_ttl, shutdown)?));
     }
+    if let Some(rest) = dsn.strip_prefix("consul://") {
+        return Ok(Arc::new(ConsulStore::open(rest, lease_ttl, shutdown)?));
+    }
     Err(format!(
-        "--store {dsn}: unknown scheme (expected file://DIR or etcd://HOST:PORT/PREFIX)"
+        "--store {dsn}: unknown scheme (expected file://DIR, etcd://HOST:PORT/PREFIX or consul://HOST:PORT/PREFIX)"
     ))
 }
 
