@@ -182,18 +182,30 @@ pub(crate) fn strip_present(headers: &mut HeaderMap, present: HopByHop, keep_te_
             .get(TE)
             .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
     if present & (1 << CONNECTION_INDEX) != 0 {
-        let listed: Vec<HeaderName> = headers
-            .get_all(CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .map(str::trim)
-            .filter(|name| !name.is_empty())
-            .filter_map(|name| HeaderName::from_bytes(name.as_bytes()).ok())
-            .filter(|name| hop_by_hop_index(name).is_none())
-            .collect();
-        for name in listed {
-            headers.remove(name);
+        // `Connection: keep-alive` (or `close`, `upgrade`) names nothing else to remove: the
+        // common case costs no allocation.
+        let listed = || {
+            headers
+                .get_all(CONNECTION)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .flat_map(|v| v.split(','))
+                .map(str::trim)
+                .filter(|name| {
+                    !name.is_empty()
+                        && !name.eq_ignore_ascii_case("close")
+                        && !HOP_BY_HOP
+                            .iter()
+                            .any(|hop| name.eq_ignore_ascii_case(hop.as_str()))
+                })
+        };
+        if listed().next().is_some() {
+            let listed: Vec<HeaderName> = listed()
+                .filter_map(|name| HeaderName::from_bytes(name.as_bytes()).ok())
+                .collect();
+            for name in listed {
+                headers.remove(name);
+            }
         }
     }
     for (i, name) in HOP_BY_HOP.iter().enumerate() {
