@@ -252,12 +252,13 @@ impl Limiter {
         if !self.headers {
             return;
         }
-        headers.insert("ratelimit-limit", HeaderValue::from(self.quota.burst()));
-        headers.insert("ratelimit-remaining", HeaderValue::from(decision.remaining));
-        headers.insert(
-            "ratelimit-reset",
-            HeaderValue::from(ceil_secs(decision.reset)),
-        );
+        // Static names: a `&str` name is parsed and hashed anew on every insert.
+        static LIMIT: HeaderName = HeaderName::from_static("ratelimit-limit");
+        static REMAINING: HeaderName = HeaderName::from_static("ratelimit-remaining");
+        static RESET: HeaderName = HeaderName::from_static("ratelimit-reset");
+        headers.insert(&LIMIT, HeaderValue::from(self.quota.burst()));
+        headers.insert(&REMAINING, HeaderValue::from(decision.remaining));
+        headers.insert(&RESET, HeaderValue::from(ceil_secs(decision.reset)));
     }
 
     fn denied_response(&self, decision: &Decision) -> Response<Body> {
