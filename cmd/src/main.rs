@@ -108,6 +108,7 @@ fn init_logging() -> tracing_appender::non_blocking::WorkerGuard {
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(ansi)
+        .with_timer(cmd::log_time::LogTime)
         .with_writer(writer);
     if json {
         builder.json().init();
