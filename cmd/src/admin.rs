@@ -10,11 +10,13 @@
 //! GET                /admin/v1/instances        [{"id","addr","version","seen"}]
 //! ```
 //!
-//! A PUT or DELETE is first checked (the merged config validated and its router built, then
-//! dropped): a change that does not build is refused with 400 and nothing changes. Then it
-//! is written to the store, and every gateway (this one included) applies it from the
-//! store's watch through the same build-and-swap as a file reload; the call answers once
-//! this gateway applied it (or after 3 s).
+//! A PUT or DELETE is first prepared: the merged config is validated and its router built,
+//! aside; a change that does not build is refused with 400 and nothing changes. Then it is
+//! written to the store, and every gateway (this one included) applies it from the store's
+//! watch through the same build-and-swap as a file reload; this gateway swaps in the router
+//! it prepared when the store brings back the config it was built for (one build per write),
+//! and builds afresh otherwise (another change came in between). The call answers once this
+//! gateway applied it (or after 3 s).
 //! Bodies are bounded (1 MiB); JSON nesting is bounded by serde_json's recursion limit.
 
 use std::convert::Infallible;
@@ -66,9 +68,17 @@ pub(crate) struct Composer {
     current: Arc<ArcSwap<Gateway>>,
     store: Option<Arc<dyn ConfigStore>>,
     state: Mutex<State>,
-    /// Serializes admin writes (each is check, then store write, then wait for the apply).
+    /// Serializes admin writes (each is prepare, then store write, then wait for the apply).
     writes: tokio::sync::Mutex<()>,
+    /// The router the admin write in progress built, for the config it expects back.
+    prepared: Mutex<Option<Prepared>>,
     applied: tokio::sync::watch::Sender<String>,
+}
+
+/// A router built for a config that is not in force yet.
+struct Prepared {
+    config: Gateway,
+    router: proxy::BuiltRouter,
 }
 
 struct State {
@@ -97,6 +107,7 @@ impl Composer {
                 snapshot: Arc::new(Snapshot::default()),
             }),
             writes: tokio::sync::Mutex::new(()),
+            prepared: Mutex::new(None),
             applied,
         })
     }
@@ -138,19 +149,42 @@ impl Composer {
         merged
     }
 
-    /// Validates and builds `merged`, swapping it in unless it equals the config in force.
+    fn prepared(&self) -> MutexGuard<'_, Option<Prepared>> {
+        self.prepared.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Swaps in `merged` unless it is the config in force: the router an admin write
+    /// prepared for exactly this config, else a new one (validated and built now).
     fn apply(&self, merged: Gateway) -> Result<(), ApplyError> {
         if **self.current.load() == merged {
             return Ok(());
         }
-        configs::validate(&merged).map_err(ApplyError::Invalid)?;
         let started = std::time::Instant::now();
-        self.proxy
-            .update(&merged)
-            .map_err(|err| ApplyError::Build(err.to_string()))?;
+        let prepared = {
+            let mut slot = self.prepared();
+            match slot.take() {
+                Some(prepared) if prepared.config == merged => Some(prepared.router),
+                other => {
+                    *slot = other;
+                    None
+                }
+            }
+        };
+        let prebuilt = prepared.is_some();
+        let router = match prepared {
+            Some(router) => router,
+            None => {
+                configs::validate(&merged).map_err(ApplyError::Invalid)?;
+                self.proxy
+                    .build(&merged)
+                    .map_err(|err| ApplyError::Build(err.to_string()))?
+            }
+        };
+        self.proxy.install(router);
         tracing::info!(
             endpoints = merged.endpoints.len(),
             build_ms = started.elapsed().as_secs_f64() * 1000.0,
+            prebuilt,
             "config applied"
         );
         self.current.store(Arc::new(merged));
@@ -189,8 +223,11 @@ impl Composer {
     }
 
     /// Would the config with `id` set to `endpoint` (or removed when `None`) apply? The
-    /// merged config is validated and its router built (and dropped); nothing changes.
-    fn check_change(&self, id: &str, endpoint: Option<&Endpoint>) -> Result<(), ApplyError> {
+    /// merged config is validated and its router built and kept aside, for [`apply`] to
+    /// swap in when the store brings the change back; nothing changes now.
+    ///
+    /// [`apply`]: Composer::apply
+    fn prepare_change(&self, id: &str, endpoint: Option<&Endpoint>) -> Result<(), ApplyError> {
         let merged = {
             let state = self.state();
             let mut endpoints: Vec<(String, Endpoint)> = state
@@ -210,9 +247,21 @@ impl Composer {
             return Ok(());
         }
         configs::validate(&merged).map_err(ApplyError::Invalid)?;
-        self.proxy
-            .check(&merged)
-            .map_err(|err| ApplyError::Build(err.to_string()))
+        let router = self
+            .proxy
+            .build(&merged)
+            .map_err(|err| ApplyError::Build(err.to_string()))?;
+        *self.prepared() = Some(Prepared {
+            config: merged,
+            router,
+        });
+        Ok(())
+    }
+
+    /// Drops (and closes) a prepared router that was not swapped in.
+    fn discard_prepared(&self) {
+        let unused = self.prepared().take();
+        drop(unused);
     }
 
     /// Waits (at most `APPLY_WAIT`) until the config in force includes `id` at `version`
@@ -443,11 +492,21 @@ impl Admin {
             Ok(endpoint) => endpoint,
             Err(response) => return *response,
         };
+        self.write(id, &endpoint, if_match.as_deref()).await
+    }
+
+    /// Prepares, stores and waits for the apply of `endpoint` under `id`.
+    async fn write(
+        &self,
+        id: &str,
+        endpoint: &Endpoint,
+        if_match: Option<&str>,
+    ) -> Response<Full<Bytes>> {
         let _write = self.composer.writes.lock().await;
-        if let Err(err) = self.composer.check_change(id, Some(&endpoint)) {
+        if let Err(err) = self.composer.prepare_change(id, Some(endpoint)) {
             return apply_error(&err);
         }
-        match self.store.put(id, &endpoint, if_match.as_deref()).await {
+        let response = match self.store.put(id, endpoint, if_match).await {
             Ok(stored) => {
                 self.composer
                     .wait_applied(id, Some(stored.version.as_str()))
@@ -459,36 +518,44 @@ impl Admin {
                 response
             }
             Err(err) => store_error(&err),
-        }
+        };
+        self.composer.discard_prepared();
+        response
     }
 
     async fn delete(&self, id: &str, req: &Request<Incoming>) -> Response<Full<Bytes>> {
-        let if_match = if_match(req);
+        self.remove(id, if_match(req).as_deref()).await
+    }
+
+    /// Checks, prepares, deletes and waits for the apply of the removal of `id`.
+    async fn remove(&self, id: &str, if_match: Option<&str>) -> Response<Full<Bytes>> {
         let _write = self.composer.writes.lock().await;
         // Existence and version first, so a 404/412 swaps nothing.
         match self.store.get(id).await {
             Ok(stored) => {
-                if let Some(expected) = &if_match
-                    && *expected != stored.version
+                if let Some(expected) = if_match
+                    && expected != stored.version
                 {
                     return store_error(&StoreError::Conflict {
-                        expected: expected.clone(),
+                        expected: expected.to_owned(),
                         current: stored.version,
                     });
                 }
             }
             Err(err) => return store_error(&err),
         }
-        if let Err(err) = self.composer.check_change(id, None) {
+        if let Err(err) = self.composer.prepare_change(id, None) {
             return apply_error(&err);
         }
-        match self.store.delete(id, if_match.as_deref()).await {
+        let response = match self.store.delete(id, if_match).await {
             Ok(()) => {
                 self.composer.wait_applied(id, None).await;
                 ok(&json!({ "id": id, "deleted": true }))
             }
             Err(err) => store_error(&err),
-        }
+        };
+        self.composer.discard_prepared();
+        response
     }
 }
 
@@ -660,4 +727,109 @@ fn respond(status: StatusCode, value: &impl Serialize) -> Response<Full<Bytes>> 
         HeaderValue::from_static("application/json"),
     );
     response
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use super::*;
+    use crate::store::FileStore;
+
+    /// A composer and admin API on a file store in `dir`, over a base config of three
+    /// endpoints with a global middleware that counts how many times it is built (once per
+    /// endpoint per router build).
+    async fn admin_on(dir: &Path) -> (Admin, Arc<AtomicUsize>, CancellationToken) {
+        let builds = Arc::new(AtomicUsize::new(0));
+        let counted = builds.clone();
+        let mut registry = middleware::Registry::new();
+        registry.register("count", move |_: &configs::Middleware, _: &_| {
+            counted.fetch_add(1, Ordering::SeqCst);
+            Ok(middleware::Middleware::from_fn("count", |next| next))
+        });
+        let clients = client::Factory::new(client::ClientOptions::default(), None);
+        let proxy = Arc::new(Proxy::new(
+            clients,
+            registry,
+            Arc::new(proxy::Metrics::new()),
+        ));
+        let base = configs::parse(
+            "middlewares:\n  - name: count\nendpoints:\n  - path: /a\n    backends: [{target: 127.0.0.1:9}]\n  - path: /b\n    backends: [{target: 127.0.0.1:9}]\n  - path: /c\n    backends: [{target: 127.0.0.1:9}]\n",
+            Path::new("base.yaml"),
+        )
+        .unwrap();
+        proxy.update(&base).unwrap();
+        let current = Arc::new(ArcSwap::from_pointee(base.clone()));
+        let store: Arc<dyn ConfigStore> = Arc::new(FileStore::open(dir.to_path_buf()).unwrap());
+        let composer = Composer::new(proxy, current, Some(store.clone()), base, "0".repeat(64));
+        let shutdown = CancellationToken::new();
+        follow_store(composer.clone(), store.clone(), shutdown.clone());
+        let admin = Admin::new("t".to_owned(), composer, store);
+        (admin, builds, shutdown)
+    }
+
+    fn endpoint(path: &str, extra: &str) -> Endpoint {
+        configs::parse_endpoint(
+            &format!("path: {path}\nbackends: [{{target: 127.0.0.1:9}}]\n{extra}"),
+            Path::new("e.yaml"),
+        )
+        .unwrap()
+    }
+
+    fn paths(admin: &Admin) -> Vec<String> {
+        let mut paths: Vec<String> = admin
+            .composer
+            .proxy
+            .routes()
+            .into_iter()
+            .map(|r| r.path)
+            .collect();
+        paths.sort();
+        paths
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_admin_write_builds_the_router_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let (admin, builds, shutdown) = admin_on(dir.path()).await;
+        let before = builds.load(Ordering::SeqCst);
+
+        let put = admin.write("d", &endpoint("/d", ""), None).await;
+        assert_eq!(put.status(), StatusCode::OK);
+        assert_eq!(paths(&admin), ["/a", "/b", "/c", "/d"]);
+        // One router of four endpoints, not a check build and then a second one.
+        assert_eq!(builds.load(Ordering::SeqCst) - before, 4);
+        assert!(admin.composer.prepared().is_none(), "nothing left aside");
+
+        let before = builds.load(Ordering::SeqCst);
+        let deleted = admin.remove("d", None).await;
+        assert_eq!(deleted.status(), StatusCode::OK);
+        assert_eq!(paths(&admin), ["/a", "/b", "/c"]);
+        assert_eq!(builds.load(Ordering::SeqCst) - before, 3);
+        shutdown.cancel();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_write_that_does_not_build_is_400_and_changes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let (admin, _builds, shutdown) = admin_on(dir.path()).await;
+        let broken = endpoint(
+            "/broken",
+            "middlewares:\n  - name: not-registered\n    required: true\n",
+        );
+        let refused = admin.write("broken", &broken, None).await;
+        assert_eq!(refused.status(), StatusCode::BAD_REQUEST);
+        assert_eq!(paths(&admin), ["/a", "/b", "/c"]);
+        assert!(
+            admin.store.list().await.unwrap().is_empty(),
+            "nothing stored"
+        );
+        assert!(admin.composer.prepared().is_none());
+        // A write the store refuses (412) leaves nothing aside either.
+        let stale = admin.write("e", &endpoint("/e", ""), Some("7")).await;
+        assert_eq!(stale.status(), StatusCode::PRECONDITION_FAILED);
+        assert!(admin.composer.prepared().is_none());
+        assert_eq!(paths(&admin), ["/a", "/b", "/c"]);
+        shutdown.cancel();
+    }
 }

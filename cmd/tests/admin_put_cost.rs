@@ -54,6 +54,18 @@ fn measure(gateway: &Gateway, target: &str) -> Vec<(f64, f64)> {
             ));
         }
     }
+    let log = gateway.log_tail(usize::MAX);
+    let applied = |prebuilt: bool| {
+        log.lines()
+            .filter(|line| line.contains("config applied"))
+            .filter(|line| line.contains(&format!("prebuilt={prebuilt}")))
+            .count()
+    };
+    println!(
+        "  applies logged: {} with the router the PUT built, {} built again",
+        applied(true),
+        applied(false)
+    );
     figures
 }
 
