@@ -6,7 +6,7 @@
 //! ```text
 //! GET                /admin/v1/endpoints        [{"id","version","endpoint"}]
 //! GET|PUT|DELETE     /admin/v1/endpoints/{id}   If-Match: <version> makes PUT/DELETE conditional
-//! GET                /admin/v1/config           the merged config in force, its version and source
+//! GET                /admin/v1/config           the merged config in force, its version and origin
 //! GET                /admin/v1/instances        [{"id","addr","version","seen"}]
 //! ```
 //!
@@ -28,6 +28,7 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use bytes::Bytes;
 use configs::{Endpoint, Gateway};
+use debug::ConfigOrigin;
 use http::{HeaderValue, Method, Request, Response, StatusCode, header};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
@@ -50,16 +51,98 @@ pub(crate) const MAX_BODY: usize = 1024 * 1024;
 const MAX_DRAIN: usize = 16 * MAX_BODY;
 
 /// Where the config in force came from, for the admin API and `/debug/config/inspect`.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone)]
 pub(crate) struct Provenance {
-    /// `file`, or `store` when the store contributes endpoints.
-    pub(crate) source: &'static str,
+    /// `store` when the store contributes endpoints, else `base.source` (`file`, `remote`,
+    /// `ctrl`).
+    pub(crate) source: String,
+    /// The config the store endpoints are merged into: where it came from, its version.
+    pub(crate) base: ConfigOrigin,
     /// The store DSN (no credentials), when a store is configured.
     pub(crate) store: Option<String>,
-    /// `<file sha256, 12 digits>` or `<file sha256, 12 digits>+<store revision>`.
+    /// `<base version>`, or `<base version>+<store revision>` with a store.
     pub(crate) version: String,
     /// The store revision merged in ("" without a store).
     pub(crate) store_revision: String,
+}
+
+/// What `--conf` names: a file (which a control service may write) or a URL.
+#[derive(Clone)]
+pub(crate) enum BaseSource {
+    /// `--conf PATH`, and the control service writing it, if any.
+    File {
+        path: String,
+        ctrl: Option<configs_ctrl::CtrlLoader>,
+    },
+    /// `--conf http(s)://...`, shown without credentials and query values.
+    Remote { url: String },
+}
+
+/// Which content of the base config is in force (from the loader's [`configs::Loaded`]).
+struct BaseVersion {
+    sha256: String,
+    main_sha256: String,
+    etag: Option<String>,
+}
+
+impl BaseVersion {
+    fn of(loaded: &configs::Loaded) -> Self {
+        BaseVersion {
+            sha256: loaded.sha256.clone(),
+            main_sha256: loaded.main_sha256.clone(),
+            etag: loaded.etag.clone(),
+        }
+    }
+}
+
+impl BaseSource {
+    /// Where the base config at `version` came from: a release of the control service when
+    /// the file in force is one it wrote, else the file; or the URL, versioned by its ETag.
+    fn origin(&self, version: &BaseVersion) -> ConfigOrigin {
+        let short = version
+            .sha256
+            .get(..12)
+            .unwrap_or(&version.sha256)
+            .to_owned();
+        match self {
+            BaseSource::Remote { url } => {
+                let tag = version.etag.as_deref().map(|etag| {
+                    let etag = etag.trim();
+                    etag.strip_prefix("W/").unwrap_or(etag).trim_matches('"')
+                });
+                ConfigOrigin {
+                    source: "remote".to_owned(),
+                    url: Some(url.clone()),
+                    etag: version.etag.clone(),
+                    version: tag
+                        .filter(|tag| !tag.is_empty())
+                        .map_or(short, str::to_owned),
+                    ..ConfigOrigin::default()
+                }
+            }
+            BaseSource::File { path, ctrl } => {
+                let release = ctrl
+                    .as_ref()
+                    .and_then(|ctrl| Some((ctrl.name(), ctrl.release_of(&version.main_sha256)?)));
+                match release {
+                    Some((name, release)) => ConfigOrigin {
+                        source: "ctrl".to_owned(),
+                        path: Some(path.clone()),
+                        url: Some(configs::redact_url(&release.url)),
+                        name: Some(name.to_owned()),
+                        version: release.version,
+                        ..ConfigOrigin::default()
+                    },
+                    None => ConfigOrigin {
+                        source: "file".to_owned(),
+                        path: Some(path.clone()),
+                        version: short,
+                        ..ConfigOrigin::default()
+                    },
+                }
+            }
+        }
+    }
 }
 
 /// The file config and the store snapshot, merged and applied together.
@@ -67,6 +150,7 @@ pub(crate) struct Composer {
     proxy: Arc<Proxy>,
     current: Arc<ArcSwap<Gateway>>,
     store: Option<Arc<dyn ConfigStore>>,
+    source: BaseSource,
     state: Mutex<State>,
     /// Serializes admin writes (each is prepare, then store write, then wait for the apply).
     writes: tokio::sync::Mutex<()>,
@@ -83,27 +167,29 @@ struct Prepared {
 
 struct State {
     base: Gateway,
-    base_sha256: String,
+    base_version: BaseVersion,
     snapshot: Arc<Snapshot>,
 }
 
 impl Composer {
-    /// A composer whose file config `base` is already applied to `proxy`.
+    /// A composer whose base config (`loaded`, from `source`) is already applied to
+    /// `proxy`.
     pub(crate) fn new(
         proxy: Arc<Proxy>,
         current: Arc<ArcSwap<Gateway>>,
         store: Option<Arc<dyn ConfigStore>>,
-        base: Gateway,
-        base_sha256: String,
+        source: BaseSource,
+        loaded: &configs::Loaded,
     ) -> Arc<Composer> {
         let (applied, _) = tokio::sync::watch::channel(String::new());
         Arc::new(Composer {
             proxy,
             current,
             store,
+            source,
             state: Mutex::new(State {
-                base,
-                base_sha256,
+                base: loaded.gateway.clone(),
+                base_version: BaseVersion::of(loaded),
                 snapshot: Arc::new(Snapshot::default()),
             }),
             writes: tokio::sync::Mutex::new(()),
@@ -124,20 +210,21 @@ impl Composer {
     /// Where the config in force came from.
     pub(crate) fn provenance(&self) -> Provenance {
         let state = self.state();
-        let file = state
-            .base_sha256
-            .get(..12)
-            .unwrap_or(&state.base_sha256)
-            .to_owned();
+        let base = self.source.origin(&state.base_version);
         let from_store = !state.snapshot.endpoints.is_empty();
         Provenance {
-            source: if from_store { "store" } else { "file" },
+            source: if from_store {
+                "store".to_owned()
+            } else {
+                base.source.clone()
+            },
             store: self.store.as_ref().map(|s| s.describe()),
             version: if self.store.is_some() {
-                format!("{file}+{}", state.snapshot.revision)
+                format!("{}+{}", base.version, state.snapshot.revision)
             } else {
-                file
+                base.version.clone()
             },
+            base,
             store_revision: state.snapshot.revision.clone(),
         }
     }
@@ -191,16 +278,16 @@ impl Composer {
         Ok(())
     }
 
-    /// A new file config (from the loader's watch).
-    pub(crate) fn set_base(&self, base: Gateway, sha256: String) -> Result<(), String> {
+    /// A new base config (from the loader's watch).
+    pub(crate) fn set_base(&self, loaded: configs::Loaded) -> Result<(), String> {
         let mut state = self.state();
         let merged = Self::merge(
-            &base,
+            &loaded.gateway,
             state.snapshot.endpoints.iter().map(|s| s.endpoint.clone()),
         );
         self.apply(merged).map_err(|err| err.to_string())?;
-        state.base = base;
-        state.base_sha256 = sha256;
+        state.base_version = BaseVersion::of(&loaded);
+        state.base = loaded.gateway;
         Ok(())
     }
 
@@ -480,6 +567,7 @@ impl Admin {
         ok(&json!({
             "version": provenance.version,
             "source": provenance.source,
+            "base": provenance.base,
             "store": provenance.store,
             "storeRevision": provenance.store_revision,
             "config": config,
@@ -761,7 +849,19 @@ mod tests {
         proxy.update(&base).unwrap();
         let current = Arc::new(ArcSwap::from_pointee(base.clone()));
         let store: Arc<dyn ConfigStore> = Arc::new(FileStore::open(dir.to_path_buf()).unwrap());
-        let composer = Composer::new(proxy, current, Some(store.clone()), base, "0".repeat(64));
+        let loaded = configs::Loaded {
+            gateway: base,
+            sha256: "0".repeat(64),
+            main_sha256: "0".repeat(64),
+            etag: None,
+            loaded_at: std::time::SystemTime::now(),
+            skipped: Vec::new(),
+        };
+        let source = BaseSource::File {
+            path: "base.yaml".to_owned(),
+            ctrl: None,
+        };
+        let composer = Composer::new(proxy, current, Some(store.clone()), source, &loaded);
         let shutdown = CancellationToken::new();
         follow_store(composer.clone(), store.clone(), shutdown.clone());
         let admin = Admin::new("t".to_owned(), composer, store);
