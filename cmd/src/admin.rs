@@ -6,15 +6,17 @@
 //! ```text
 //! GET                /admin/v1/endpoints        [{"id","version","endpoint"}]
 //! GET|PUT|DELETE     /admin/v1/endpoints/{id}   If-Match: <version> makes PUT/DELETE conditional
-//! GET                /admin/v1/config           the merged config in force, its version and source
+//! GET                /admin/v1/config           the merged config in force, its version and origin
 //! GET                /admin/v1/instances        [{"id","addr","version","seen"}]
 //! ```
 //!
-//! A PUT or DELETE is first checked (the merged config validated and its router built, then
-//! dropped): a change that does not build is refused with 400 and nothing changes. Then it
-//! is written to the store, and every gateway (this one included) applies it from the
-//! store's watch through the same build-and-swap as a file reload; the call answers once
-//! this gateway applied it (or after 3 s).
+//! A PUT or DELETE is first prepared: the merged config is validated and its router built,
+//! aside; a change that does not build is refused with 400 and nothing changes. Then it is
+//! written to the store, and every gateway (this one included) applies it from the store's
+//! watch through the same build-and-swap as a file reload; this gateway swaps in the router
+//! it prepared when the store brings back the config it was built for (one build per write),
+//! and builds afresh otherwise (another change came in between). The call answers once this
+//! gateway applied it (or after 3 s).
 //! Bodies are bounded (1 MiB); JSON nesting is bounded by serde_json's recursion limit.
 
 use std::convert::Infallible;
@@ -26,6 +28,7 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use bytes::Bytes;
 use configs::{Endpoint, Gateway};
+use debug::ConfigOrigin;
 use http::{HeaderValue, Method, Request, Response, StatusCode, header};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
@@ -48,16 +51,98 @@ pub(crate) const MAX_BODY: usize = 1024 * 1024;
 const MAX_DRAIN: usize = 16 * MAX_BODY;
 
 /// Where the config in force came from, for the admin API and `/debug/config/inspect`.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone)]
 pub(crate) struct Provenance {
-    /// `file`, or `store` when the store contributes endpoints.
-    pub(crate) source: &'static str,
+    /// `store` when the store contributes endpoints, else `base.source` (`file`, `remote`,
+    /// `ctrl`).
+    pub(crate) source: String,
+    /// The config the store endpoints are merged into: where it came from, its version.
+    pub(crate) base: ConfigOrigin,
     /// The store DSN (no credentials), when a store is configured.
     pub(crate) store: Option<String>,
-    /// `<file sha256, 12 digits>` or `<file sha256, 12 digits>+<store revision>`.
+    /// `<base version>`, or `<base version>+<store revision>` with a store.
     pub(crate) version: String,
     /// The store revision merged in ("" without a store).
     pub(crate) store_revision: String,
+}
+
+/// What `--conf` names: a file (which a control service may write) or a URL.
+#[derive(Clone)]
+pub(crate) enum BaseSource {
+    /// `--conf PATH`, and the control service writing it, if any.
+    File {
+        path: String,
+        ctrl: Option<configs_ctrl::CtrlLoader>,
+    },
+    /// `--conf http(s)://...`, shown without credentials and query values.
+    Remote { url: String },
+}
+
+/// Which content of the base config is in force (from the loader's [`configs::Loaded`]).
+struct BaseVersion {
+    sha256: String,
+    main_sha256: String,
+    etag: Option<String>,
+}
+
+impl BaseVersion {
+    fn of(loaded: &configs::Loaded) -> Self {
+        BaseVersion {
+            sha256: loaded.sha256.clone(),
+            main_sha256: loaded.main_sha256.clone(),
+            etag: loaded.etag.clone(),
+        }
+    }
+}
+
+impl BaseSource {
+    /// Where the base config at `version` came from: a release of the control service when
+    /// the file in force is one it wrote, else the file; or the URL, versioned by its ETag.
+    fn origin(&self, version: &BaseVersion) -> ConfigOrigin {
+        let short = version
+            .sha256
+            .get(..12)
+            .unwrap_or(&version.sha256)
+            .to_owned();
+        match self {
+            BaseSource::Remote { url } => {
+                let tag = version.etag.as_deref().map(|etag| {
+                    let etag = etag.trim();
+                    etag.strip_prefix("W/").unwrap_or(etag).trim_matches('"')
+                });
+                ConfigOrigin {
+                    source: "remote".to_owned(),
+                    url: Some(url.clone()),
+                    etag: version.etag.clone(),
+                    version: tag
+                        .filter(|tag| !tag.is_empty())
+                        .map_or(short, str::to_owned),
+                    ..ConfigOrigin::default()
+                }
+            }
+            BaseSource::File { path, ctrl } => {
+                let release = ctrl
+                    .as_ref()
+                    .and_then(|ctrl| Some((ctrl.name(), ctrl.release_of(&version.main_sha256)?)));
+                match release {
+                    Some((name, release)) => ConfigOrigin {
+                        source: "ctrl".to_owned(),
+                        path: Some(path.clone()),
+                        url: Some(configs::redact_url(&release.url)),
+                        name: Some(name.to_owned()),
+                        version: release.version,
+                        ..ConfigOrigin::default()
+                    },
+                    None => ConfigOrigin {
+                        source: "file".to_owned(),
+                        path: Some(path.clone()),
+                        version: short,
+                        ..ConfigOrigin::default()
+                    },
+                }
+            }
+        }
+    }
 }
 
 /// The file config and the store snapshot, merged and applied together.
@@ -65,38 +150,50 @@ pub(crate) struct Composer {
     proxy: Arc<Proxy>,
     current: Arc<ArcSwap<Gateway>>,
     store: Option<Arc<dyn ConfigStore>>,
+    source: BaseSource,
     state: Mutex<State>,
-    /// Serializes admin writes (each is check, then store write, then wait for the apply).
+    /// Serializes admin writes (each is prepare, then store write, then wait for the apply).
     writes: tokio::sync::Mutex<()>,
+    /// The router the admin write in progress built, for the config it expects back.
+    prepared: Mutex<Option<Prepared>>,
     applied: tokio::sync::watch::Sender<String>,
+}
+
+/// A router built for a config that is not in force yet.
+struct Prepared {
+    config: Gateway,
+    router: proxy::BuiltRouter,
 }
 
 struct State {
     base: Gateway,
-    base_sha256: String,
+    base_version: BaseVersion,
     snapshot: Arc<Snapshot>,
 }
 
 impl Composer {
-    /// A composer whose file config `base` is already applied to `proxy`.
+    /// A composer whose base config (`loaded`, from `source`) is already applied to
+    /// `proxy`.
     pub(crate) fn new(
         proxy: Arc<Proxy>,
         current: Arc<ArcSwap<Gateway>>,
         store: Option<Arc<dyn ConfigStore>>,
-        base: Gateway,
-        base_sha256: String,
+        source: BaseSource,
+        loaded: &configs::Loaded,
     ) -> Arc<Composer> {
         let (applied, _) = tokio::sync::watch::channel(String::new());
         Arc::new(Composer {
             proxy,
             current,
             store,
+            source,
             state: Mutex::new(State {
-                base,
-                base_sha256,
+                base: loaded.gateway.clone(),
+                base_version: BaseVersion::of(loaded),
                 snapshot: Arc::new(Snapshot::default()),
             }),
             writes: tokio::sync::Mutex::new(()),
+            prepared: Mutex::new(None),
             applied,
         })
     }
@@ -113,20 +210,21 @@ impl Composer {
     /// Where the config in force came from.
     pub(crate) fn provenance(&self) -> Provenance {
         let state = self.state();
-        let file = state
-            .base_sha256
-            .get(..12)
-            .unwrap_or(&state.base_sha256)
-            .to_owned();
+        let base = self.source.origin(&state.base_version);
         let from_store = !state.snapshot.endpoints.is_empty();
         Provenance {
-            source: if from_store { "store" } else { "file" },
+            source: if from_store {
+                "store".to_owned()
+            } else {
+                base.source.clone()
+            },
             store: self.store.as_ref().map(|s| s.describe()),
             version: if self.store.is_some() {
-                format!("{file}+{}", state.snapshot.revision)
+                format!("{}+{}", base.version, state.snapshot.revision)
             } else {
-                file
+                base.version.clone()
             },
+            base,
             store_revision: state.snapshot.revision.clone(),
         }
     }
@@ -138,35 +236,58 @@ impl Composer {
         merged
     }
 
-    /// Validates and builds `merged`, swapping it in unless it equals the config in force.
+    fn prepared(&self) -> MutexGuard<'_, Option<Prepared>> {
+        self.prepared.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Swaps in `merged` unless it is the config in force: the router an admin write
+    /// prepared for exactly this config, else a new one (validated and built now).
     fn apply(&self, merged: Gateway) -> Result<(), ApplyError> {
         if **self.current.load() == merged {
             return Ok(());
         }
-        configs::validate(&merged).map_err(ApplyError::Invalid)?;
         let started = std::time::Instant::now();
-        self.proxy
-            .update(&merged)
-            .map_err(|err| ApplyError::Build(err.to_string()))?;
+        let prepared = {
+            let mut slot = self.prepared();
+            match slot.take() {
+                Some(prepared) if prepared.config == merged => Some(prepared.router),
+                other => {
+                    *slot = other;
+                    None
+                }
+            }
+        };
+        let prebuilt = prepared.is_some();
+        let router = match prepared {
+            Some(router) => router,
+            None => {
+                configs::validate(&merged).map_err(ApplyError::Invalid)?;
+                self.proxy
+                    .build(&merged)
+                    .map_err(|err| ApplyError::Build(err.to_string()))?
+            }
+        };
+        self.proxy.install(router);
         tracing::info!(
             endpoints = merged.endpoints.len(),
             build_ms = started.elapsed().as_secs_f64() * 1000.0,
+            prebuilt,
             "config applied"
         );
         self.current.store(Arc::new(merged));
         Ok(())
     }
 
-    /// A new file config (from the loader's watch).
-    pub(crate) fn set_base(&self, base: Gateway, sha256: String) -> Result<(), String> {
+    /// A new base config (from the loader's watch).
+    pub(crate) fn set_base(&self, loaded: configs::Loaded) -> Result<(), String> {
         let mut state = self.state();
         let merged = Self::merge(
-            &base,
+            &loaded.gateway,
             state.snapshot.endpoints.iter().map(|s| s.endpoint.clone()),
         );
         self.apply(merged).map_err(|err| err.to_string())?;
-        state.base = base;
-        state.base_sha256 = sha256;
+        state.base_version = BaseVersion::of(&loaded);
+        state.base = loaded.gateway;
         Ok(())
     }
 
@@ -189,8 +310,11 @@ impl Composer {
     }
 
     /// Would the config with `id` set to `endpoint` (or removed when `None`) apply? The
-    /// merged config is validated and its router built (and dropped); nothing changes.
-    fn check_change(&self, id: &str, endpoint: Option<&Endpoint>) -> Result<(), ApplyError> {
+    /// merged config is validated and its router built and kept aside, for [`apply`] to
+    /// swap in when the store brings the change back; nothing changes now.
+    ///
+    /// [`apply`]: Composer::apply
+    fn prepare_change(&self, id: &str, endpoint: Option<&Endpoint>) -> Result<(), ApplyError> {
         let merged = {
             let state = self.state();
             let mut endpoints: Vec<(String, Endpoint)> = state
@@ -210,9 +334,21 @@ impl Composer {
             return Ok(());
         }
         configs::validate(&merged).map_err(ApplyError::Invalid)?;
-        self.proxy
-            .check(&merged)
-            .map_err(|err| ApplyError::Build(err.to_string()))
+        let router = self
+            .proxy
+            .build(&merged)
+            .map_err(|err| ApplyError::Build(err.to_string()))?;
+        *self.prepared() = Some(Prepared {
+            config: merged,
+            router,
+        });
+        Ok(())
+    }
+
+    /// Drops (and closes) a prepared router that was not swapped in.
+    fn discard_prepared(&self) {
+        let unused = self.prepared().take();
+        drop(unused);
     }
 
     /// Waits (at most `APPLY_WAIT`) until the config in force includes `id` at `version`
@@ -431,6 +567,7 @@ impl Admin {
         ok(&json!({
             "version": provenance.version,
             "source": provenance.source,
+            "base": provenance.base,
             "store": provenance.store,
             "storeRevision": provenance.store_revision,
             "config": config,
@@ -443,11 +580,21 @@ impl Admin {
             Ok(endpoint) => endpoint,
             Err(response) => return *response,
         };
+        self.write(id, &endpoint, if_match.as_deref()).await
+    }
+
+    /// Prepares, stores and waits for the apply of `endpoint` under `id`.
+    async fn write(
+        &self,
+        id: &str,
+        endpoint: &Endpoint,
+        if_match: Option<&str>,
+    ) -> Response<Full<Bytes>> {
         let _write = self.composer.writes.lock().await;
-        if let Err(err) = self.composer.check_change(id, Some(&endpoint)) {
+        if let Err(err) = self.composer.prepare_change(id, Some(endpoint)) {
             return apply_error(&err);
         }
-        match self.store.put(id, &endpoint, if_match.as_deref()).await {
+        let response = match self.store.put(id, endpoint, if_match).await {
             Ok(stored) => {
                 self.composer
                     .wait_applied(id, Some(stored.version.as_str()))
@@ -459,36 +606,44 @@ impl Admin {
                 response
             }
             Err(err) => store_error(&err),
-        }
+        };
+        self.composer.discard_prepared();
+        response
     }
 
     async fn delete(&self, id: &str, req: &Request<Incoming>) -> Response<Full<Bytes>> {
-        let if_match = if_match(req);
+        self.remove(id, if_match(req).as_deref()).await
+    }
+
+    /// Checks, prepares, deletes and waits for the apply of the removal of `id`.
+    async fn remove(&self, id: &str, if_match: Option<&str>) -> Response<Full<Bytes>> {
         let _write = self.composer.writes.lock().await;
         // Existence and version first, so a 404/412 swaps nothing.
         match self.store.get(id).await {
             Ok(stored) => {
-                if let Some(expected) = &if_match
-                    && *expected != stored.version
+                if let Some(expected) = if_match
+                    && expected != stored.version
                 {
                     return store_error(&StoreError::Conflict {
-                        expected: expected.clone(),
+                        expected: expected.to_owned(),
                         current: stored.version,
                     });
                 }
             }
             Err(err) => return store_error(&err),
         }
-        if let Err(err) = self.composer.check_change(id, None) {
+        if let Err(err) = self.composer.prepare_change(id, None) {
             return apply_error(&err);
         }
-        match self.store.delete(id, if_match.as_deref()).await {
+        let response = match self.store.delete(id, if_match).await {
             Ok(()) => {
                 self.composer.wait_applied(id, None).await;
                 ok(&json!({ "id": id, "deleted": true }))
             }
             Err(err) => store_error(&err),
-        }
+        };
+        self.composer.discard_prepared();
+        response
     }
 }
 
@@ -660,4 +815,121 @@ fn respond(status: StatusCode, value: &impl Serialize) -> Response<Full<Bytes>> 
         HeaderValue::from_static("application/json"),
     );
     response
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use super::*;
+    use crate::store::FileStore;
+
+    /// A composer and admin API on a file store in `dir`, over a base config of three
+    /// endpoints with a global middleware that counts how many times it is built (once per
+    /// endpoint per router build).
+    async fn admin_on(dir: &Path) -> (Admin, Arc<AtomicUsize>, CancellationToken) {
+        let builds = Arc::new(AtomicUsize::new(0));
+        let counted = builds.clone();
+        let mut registry = middleware::Registry::new();
+        registry.register("count", move |_: &configs::Middleware, _: &_| {
+            counted.fetch_add(1, Ordering::SeqCst);
+            Ok(middleware::Middleware::from_fn("count", |next| next))
+        });
+        let clients = client::Factory::new(client::ClientOptions::default(), None);
+        let proxy = Arc::new(Proxy::new(
+            clients,
+            registry,
+            Arc::new(proxy::Metrics::new()),
+        ));
+        let base = configs::parse(
+            "middlewares:\n  - name: count\nendpoints:\n  - path: /a\n    backends: [{target: 127.0.0.1:9}]\n  - path: /b\n    backends: [{target: 127.0.0.1:9}]\n  - path: /c\n    backends: [{target: 127.0.0.1:9}]\n",
+            Path::new("base.yaml"),
+        )
+        .unwrap();
+        proxy.update(&base).unwrap();
+        let current = Arc::new(ArcSwap::from_pointee(base.clone()));
+        let store: Arc<dyn ConfigStore> = Arc::new(FileStore::open(dir.to_path_buf()).unwrap());
+        let loaded = configs::Loaded {
+            gateway: base,
+            sha256: "0".repeat(64),
+            main_sha256: "0".repeat(64),
+            etag: None,
+            loaded_at: std::time::SystemTime::now(),
+            skipped: Vec::new(),
+        };
+        let source = BaseSource::File {
+            path: "base.yaml".to_owned(),
+            ctrl: None,
+        };
+        let composer = Composer::new(proxy, current, Some(store.clone()), source, &loaded);
+        let shutdown = CancellationToken::new();
+        follow_store(composer.clone(), store.clone(), shutdown.clone());
+        let admin = Admin::new("t".to_owned(), composer, store);
+        (admin, builds, shutdown)
+    }
+
+    fn endpoint(path: &str, extra: &str) -> Endpoint {
+        configs::parse_endpoint(
+            &format!("path: {path}\nbackends: [{{target: 127.0.0.1:9}}]\n{extra}"),
+            Path::new("e.yaml"),
+        )
+        .unwrap()
+    }
+
+    fn paths(admin: &Admin) -> Vec<String> {
+        let mut paths: Vec<String> = admin
+            .composer
+            .proxy
+            .routes()
+            .into_iter()
+            .map(|r| r.path)
+            .collect();
+        paths.sort();
+        paths
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_admin_write_builds_the_router_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let (admin, builds, shutdown) = admin_on(dir.path()).await;
+        let before = builds.load(Ordering::SeqCst);
+
+        let put = admin.write("d", &endpoint("/d", ""), None).await;
+        assert_eq!(put.status(), StatusCode::OK);
+        assert_eq!(paths(&admin), ["/a", "/b", "/c", "/d"]);
+        // One router of four endpoints, not a check build and then a second one.
+        assert_eq!(builds.load(Ordering::SeqCst) - before, 4);
+        assert!(admin.composer.prepared().is_none(), "nothing left aside");
+
+        let before = builds.load(Ordering::SeqCst);
+        let deleted = admin.remove("d", None).await;
+        assert_eq!(deleted.status(), StatusCode::OK);
+        assert_eq!(paths(&admin), ["/a", "/b", "/c"]);
+        assert_eq!(builds.load(Ordering::SeqCst) - before, 3);
+        shutdown.cancel();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_write_that_does_not_build_is_400_and_changes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let (admin, _builds, shutdown) = admin_on(dir.path()).await;
+        let broken = endpoint(
+            "/broken",
+            "middlewares:\n  - name: not-registered\n    required: true\n",
+        );
+        let refused = admin.write("broken", &broken, None).await;
+        assert_eq!(refused.status(), StatusCode::BAD_REQUEST);
+        assert_eq!(paths(&admin), ["/a", "/b", "/c"]);
+        assert!(
+            admin.store.list().await.unwrap().is_empty(),
+            "nothing stored"
+        );
+        assert!(admin.composer.prepared().is_none());
+        // A write the store refuses (412) leaves nothing aside either.
+        let stale = admin.write("e", &endpoint("/e", ""), Some("7")).await;
+        assert_eq!(stale.status(), StatusCode::PRECONDITION_FAILED);
+        assert!(admin.composer.prepared().is_none());
+        assert_eq!(paths(&admin), ["/a", "/b", "/c"]);
+        shutdown.cancel();
+    }
 }

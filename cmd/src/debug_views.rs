@@ -76,7 +76,8 @@ impl ConfigSource for LoaderSource {
         let status = self.loader.status();
         let provenance = self.composer.provenance();
         ConfigStatus {
-            source: provenance.source.to_owned(),
+            source: provenance.source,
+            base: Some(provenance.base),
             store: provenance.store,
             store_revision: provenance.store_revision,
             path: status.path,

@@ -426,12 +426,21 @@ async fn serve_until_shutdown(
         }
     }
     let current = Arc::new(arc_swap::ArcSwap::from_pointee(loaded.gateway.clone()));
+    let base_source = match &loader {
+        configs::ConfigLoader::Remote(remote) => admin::BaseSource::Remote {
+            url: remote.status().path,
+        },
+        configs::ConfigLoader::File(_) => admin::BaseSource::File {
+            path: cli.conf.display().to_string(),
+            ctrl: ctrl.clone(),
+        },
+    };
     let composer = admin::Composer::new(
         proxy.clone(),
         current.clone(),
         store.clone(),
-        loaded.gateway.clone(),
-        loaded.sha256.clone(),
+        base_source,
+        &loaded,
     );
     let mut store_tasks = Vec::new();
     if let Some(store) = &store {
@@ -452,7 +461,7 @@ async fn serve_until_shutdown(
     }
     let reload_composer = composer.clone();
     let reloads = loader.watch(cli.reload_interval, shutdown.clone(), move |loaded| {
-        reload_composer.set_base(loaded.gateway, loaded.sha256)
+        reload_composer.set_base(loaded)
     });
     let ctrl_polling = ctrl.as_ref().map(|ctrl| ctrl.run(shutdown.clone()));
     let debug = cli.debug.then(|| {

@@ -46,6 +46,6 @@ pub use model::{
 pub use parse::{
     PriorityConfig, merge_priority, parse, parse_endpoint, parse_priority, validate_endpoint,
 };
-pub use remote::{DEFAULT_FETCH_TIMEOUT, DEFAULT_MAX_BODY, RemoteLoader};
+pub use remote::{DEFAULT_FETCH_TIMEOUT, DEFAULT_MAX_BODY, RemoteLoader, redact_url};
 pub use source::ConfigLoader;
 pub use validate::{SELECTORS, validate};

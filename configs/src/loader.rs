@@ -38,6 +38,12 @@ pub struct Loaded {
     /// (so it equals `sha256sum gateway.yaml`), else also over each priority file's name and
     /// content.
     pub sha256: String,
+    /// Hex sha256 of the main config's bytes alone (equal to `sha256` without priority
+    /// files): how a control-service release written to the file is recognised.
+    pub main_sha256: String,
+    /// The `ETag` the server sent with a remote config, as sent (`None` for a file, or when
+    /// the server sent none).
+    pub etag: Option<String>,
     /// When the files were read.
     pub loaded_at: SystemTime,
     /// Priority files left out because they failed to parse or validate on their own, each
@@ -97,6 +103,7 @@ pub(crate) struct Sources {
     main: Vec<u8>,
     priority: Vec<(PathBuf, Vec<u8>)>,
     pub(crate) sha256: String,
+    main_sha256: String,
 }
 
 impl Sources {
@@ -104,6 +111,7 @@ impl Sources {
     pub(crate) fn new(main: Vec<u8>, priority: Vec<(PathBuf, Vec<u8>)>) -> Self {
         let mut hasher = Sha256::new();
         hasher.update(&main);
+        let main_sha256 = hex::encode(hasher.clone().finalize());
         for (path, content) in &priority {
             let name = path.file_name().unwrap_or_default().to_string_lossy();
             hasher.update(name.as_bytes());
@@ -115,6 +123,7 @@ impl Sources {
             main,
             priority,
             sha256: hex::encode(hasher.finalize()),
+            main_sha256,
         }
     }
 
@@ -129,7 +138,7 @@ enum Poll {
     Unchanged,
     /// New content that changed again within the settle delay: still being written.
     Unsettled,
-    Changed(Loaded),
+    Changed(Box<Loaded>),
     Failed {
         key: String,
         error: String,
@@ -230,7 +239,7 @@ impl FileLoader {
                     Poll::Changed(loaded) => {
                         let sha256 = loaded.sha256.clone();
                         let summary = Summary::of(&loaded);
-                        match apply(loaded) {
+                        match apply(*loaded) {
                             Ok(()) => {
                                 tracing::info!(
                                     sha256 = %sha256,
@@ -282,7 +291,7 @@ impl FileLoader {
             _ => return Poll::Unsettled,
         }
         match self.build(&sources) {
-            Ok(loaded) => Poll::Changed(loaded),
+            Ok(loaded) => Poll::Changed(Box::new(loaded)),
             Err(error) => Poll::Failed {
                 key: sources.sha256,
                 error: error.to_string(),
@@ -403,6 +412,8 @@ pub(crate) fn build(
     Ok(Loaded {
         gateway,
         sha256: sources.sha256.clone(),
+        main_sha256: sources.main_sha256.clone(),
+        etag: None,
         loaded_at: SystemTime::now(),
         skipped,
     })

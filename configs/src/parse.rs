@@ -1,5 +1,7 @@
 //! Parsing YAML text into the model, and merging priority configs into a gateway.
 
+use std::collections::HashMap;
+use std::collections::hash_map::Entry;
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
@@ -64,17 +66,38 @@ pub fn validate_endpoint(endpoint: &Endpoint) -> Result<(), ConfigError> {
 /// Merges priority endpoints into `gateway`, in order: each replaces, in place, the endpoint
 /// with the same method (case-insensitive), path and host, or else is put at the front of
 /// the list (so a later priority endpoint comes before an earlier one).
+///
+/// Linear in the number of endpoints (each route key is computed once), so merging 1,000
+/// store endpoints into 1,000 file endpoints takes a millisecond, not a second.
 pub fn merge_priority(gateway: &mut Gateway, endpoints: impl IntoIterator<Item = Endpoint>) {
+    /// Where the first endpoint with a route key is: in the main list, or the `n`th put
+    /// in front.
+    enum At {
+        Main(usize),
+        Front(usize),
+    }
+    let mut first: HashMap<RouteKey, At> = HashMap::with_capacity(gateway.endpoints.len());
+    for (i, existing) in gateway.endpoints.iter().enumerate() {
+        first.entry(RouteKey::of(existing)).or_insert(At::Main(i));
+    }
+    // Put in front in this order, so the list ends up with them reversed.
+    let mut front: Vec<Endpoint> = Vec::new();
     for endpoint in endpoints {
-        let key = RouteKey::of(&endpoint);
-        match gateway
-            .endpoints
-            .iter_mut()
-            .find(|existing| RouteKey::of(existing) == key)
-        {
-            Some(existing) => *existing = endpoint,
-            None => gateway.endpoints.insert(0, endpoint),
+        match first.entry(RouteKey::of(&endpoint)) {
+            Entry::Occupied(at) => match *at.get() {
+                At::Main(i) => gateway.endpoints[i] = endpoint,
+                At::Front(n) => front[n] = endpoint,
+            },
+            Entry::Vacant(slot) => {
+                slot.insert(At::Front(front.len()));
+                front.push(endpoint);
+            }
         }
+    }
+    if !front.is_empty() {
+        front.reverse();
+        front.append(&mut gateway.endpoints);
+        gateway.endpoints = front;
     }
 }
 
@@ -181,6 +204,47 @@ mod tests {
             .map(|(m, p, t)| (m.to_string(), p.to_string(), t.to_string()))
             .collect();
         assert_eq!(summary, want);
+    }
+
+    /// The definition: each priority endpoint replaces the first one with its route key,
+    /// or goes in front. Quadratic; the real merge must do the same.
+    fn naive_merge(gateway: &mut Gateway, endpoints: Vec<Endpoint>) {
+        for endpoint in endpoints {
+            let key = RouteKey::of(&endpoint);
+            match gateway
+                .endpoints
+                .iter_mut()
+                .find(|existing| RouteKey::of(existing) == key)
+            {
+                Some(existing) => *existing = endpoint,
+                None => gateway.endpoints.insert(0, endpoint),
+            }
+        }
+    }
+
+    proptest::proptest! {
+        /// Few methods, paths and hosts, so keys collide often (duplicates in the main
+        /// list too); the backend target tells the endpoints apart.
+        #[test]
+        fn merge_matches_the_naive_definition(
+            main in proptest::collection::vec((0..3_u8, 0..4_u8, 0..2_u8), 0..8),
+            priority in proptest::collection::vec((0..3_u8, 0..4_u8, 0..2_u8), 0..8),
+        ) {
+            let make = |list: &[(u8, u8, u8)], tag: &str| -> Vec<Endpoint> {
+                list.iter()
+                    .enumerate()
+                    .map(|(i, (m, p, h))| Endpoint {
+                        host: ["", "a.example"][usize::from(*h)].into(),
+                        ..endpoint(["", "GET", "get"][usize::from(*m)], &format!("/p{p}"), &format!("{tag}:{i}"))
+                    })
+                    .collect()
+            };
+            let base = Gateway { endpoints: make(&main, "main"), ..Gateway::default() };
+            let (mut fast, mut naive) = (base.clone(), base);
+            merge_priority(&mut fast, make(&priority, "prio"));
+            naive_merge(&mut naive, make(&priority, "prio"));
+            proptest::prop_assert_eq!(fast, naive);
+        }
     }
 
     #[test]

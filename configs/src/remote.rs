@@ -41,6 +41,9 @@ pub struct RemoteLoader {
 #[derive(Debug)]
 struct Inner {
     url: String,
+    /// `url` without credentials and query values ([`redact_url`]): what status, logs and
+    /// errors show.
+    shown: String,
     priority_dir: Option<PathBuf>,
     timeout: Duration,
     max_body: usize,
@@ -60,7 +63,7 @@ struct Cache {
 /// What one poll found.
 enum Poll {
     Unchanged,
-    Changed(Loaded),
+    Changed(Box<Loaded>),
     Failed { key: String, error: String },
 }
 
@@ -127,6 +130,7 @@ impl RemoteLoader {
             .build(connector);
         RemoteLoader {
             inner: Arc::new(Inner {
+                shown: redact_url(&url),
                 url,
                 priority_dir,
                 timeout,
@@ -143,7 +147,10 @@ impl RemoteLoader {
     /// `last_error`.
     pub async fn load(&self) -> Result<Loaded, ConfigError> {
         let result = match self.fetch(false).await {
-            Ok(body) => self.build_from(body).await,
+            Ok((body, etag)) => self
+                .build_from(body)
+                .await
+                .map(|loaded| Loaded { etag, ..loaded }),
             Err(error) => Err(error),
         };
         let mut state = self.state();
@@ -154,11 +161,12 @@ impl RemoteLoader {
         result
     }
 
-    /// What the loader knows now; `path` is the URL.
+    /// What the loader knows now; `path` is the URL (without credentials and query
+    /// values, see [`redact_url`]).
     pub fn status(&self) -> LoaderStatus {
         let state = self.state();
         LoaderStatus {
-            path: self.inner.url.clone(),
+            path: self.inner.shown.clone(),
             sha256: state.sha256.clone(),
             version: state.version.clone(),
             loaded_at: state.loaded_at.map(rfc3339),
@@ -184,7 +192,7 @@ impl RemoteLoader {
     {
         let loader = self.clone();
         tokio::spawn(async move {
-            tracing::info!(url = %loader.inner.url, ?interval, "polling remote config");
+            tracing::info!(url = %loader.inner.shown, ?interval, "polling remote config");
             loop {
                 tokio::select! {
                     () = shutdown.cancelled() => break,
@@ -200,9 +208,9 @@ impl RemoteLoader {
                     Poll::Changed(loaded) => {
                         let sha256 = loaded.sha256.clone();
                         let summary = Summary::of(&loaded);
-                        match apply(loaded) {
+                        match apply(*loaded) {
                             Ok(()) => {
-                                tracing::info!(url = %loader.inner.url, sha256 = %sha256, "remote config reloaded");
+                                tracing::info!(url = %loader.inner.shown, sha256 = %sha256, "remote config reloaded");
                                 loader.state().record_reload(&summary);
                             }
                             Err(error) => loader.record_failure(
@@ -219,8 +227,8 @@ impl RemoteLoader {
 
     /// One conditional fetch, then a build if the content is new.
     async fn poll(&self) -> Poll {
-        let body = match self.fetch(true).await {
-            Ok(body) => body,
+        let (body, etag) = match self.fetch(true).await {
+            Ok(fetched) => fetched,
             Err(error) => {
                 let error = error.to_string();
                 return Poll::Failed {
@@ -243,7 +251,7 @@ impl RemoteLoader {
             let mut state = self.state();
             if sources.sha256 == state.sha256 {
                 if state.rejected.take().is_some() {
-                    tracing::info!(url = %self.inner.url, "remote config is reachable and unchanged again");
+                    tracing::info!(url = %self.inner.shown, "remote config is reachable and unchanged again");
                     state.last_error = None;
                 }
                 return Poll::Unchanged;
@@ -253,11 +261,11 @@ impl RemoteLoader {
             }
         }
         match build(
-            Path::new(&self.inner.url),
+            Path::new(&self.inner.shown),
             self.inner.priority_dir.as_deref(),
             &sources,
         ) {
-            Ok(loaded) => Poll::Changed(loaded),
+            Ok(loaded) => Poll::Changed(Box::new(Loaded { etag, ..loaded })),
             Err(error) => Poll::Failed {
                 key: sources.sha256,
                 error: error.to_string(),
@@ -271,20 +279,20 @@ impl RemoteLoader {
         if state.rejected.as_deref() == Some(key.as_str()) {
             return;
         }
-        tracing::error!(url = %self.inner.url, %error, "remote config not reloaded; the running config stays");
+        tracing::error!(url = %self.inner.shown, %error, "remote config not reloaded; the running config stays");
         state.rejected = Some(key);
         state.last_error = Some(error);
     }
 
-    /// GETs the URL within the timeout and the body limit. With `conditional`, sends the
-    /// validators of the last body and answers that body again on a 304.
-    async fn fetch(&self, conditional: bool) -> Result<Bytes, ConfigError> {
-        let url = &self.inner.url;
+    /// GETs the URL within the timeout and the body limit: the body and its `ETag`. With
+    /// `conditional`, sends the validators of the last body and answers that body (and its
+    /// `ETag`) again on a 304.
+    async fn fetch(&self, conditional: bool) -> Result<(Bytes, Option<String>), ConfigError> {
         let failed = |message: String| ConfigError::Fetch {
-            url: url.clone(),
+            url: self.inner.shown.clone(),
             message,
         };
-        let mut request = http::Request::get(url.as_str())
+        let mut request = http::Request::get(self.inner.url.as_str())
             .header(http::header::USER_AGENT, "gateway-config-poller");
         let cached = if conditional {
             let cache = self.cache();
@@ -296,7 +304,7 @@ impl RemoteLoader {
                     request = request.header(http::header::IF_MODIFIED_SINCE, date.as_str());
                 }
             }
-            cache.body.clone()
+            cache.body.clone().map(|body| (body, cache.etag.clone()))
         } else {
             None
         };
@@ -335,9 +343,9 @@ impl RemoteLoader {
                 .to_bytes();
             let mut cache = self.cache();
             cache.body = Some(body.clone());
-            cache.etag = etag;
+            cache.etag.clone_from(&etag);
             cache.last_modified = last_modified;
-            Ok(body)
+            Ok((body, etag))
         };
         match tokio::time::timeout(self.inner.timeout, exchange).await {
             Ok(result) => result,
@@ -354,7 +362,7 @@ impl RemoteLoader {
             Some(dir) => tokio::task::spawn_blocking(move || read_priority_dir(&dir))
                 .await
                 .map_err(|error| ConfigError::Fetch {
-                    url: self.inner.url.clone(),
+                    url: self.inner.shown.clone(),
                     message: format!("priority directory read failed: {error}"),
                 })??,
             None => Vec::new(),
@@ -365,7 +373,7 @@ impl RemoteLoader {
     async fn build_from(&self, body: Bytes) -> Result<Loaded, ConfigError> {
         let sources = self.read_sources(body).await?;
         build(
-            Path::new(&self.inner.url),
+            Path::new(&self.inner.shown),
             self.inner.priority_dir.as_deref(),
             &sources,
         )
@@ -400,4 +408,62 @@ fn one_line(error: &(dyn std::error::Error + 'static)) -> String {
         source = cause.source();
     }
     text.replace(['\n', '\r'], " ")
+}
+
+/// `url` as status views, logs and errors show it: without `user:password@` and with every
+/// query value replaced by `(redacted)` (a token in a query is as secret as a password);
+/// the fragment is dropped. `https://u:p@host/c.yaml?token=t&v` →
+/// `https://host/c.yaml?token=(redacted)&v`.
+pub fn redact_url(url: &str) -> String {
+    let url = url.split('#').next().unwrap_or_default();
+    let (before_query, query) = match url.split_once('?') {
+        Some((before, query)) => (before, Some(query)),
+        None => (url, None),
+    };
+    let mut shown = match before_query.split_once("://") {
+        Some((scheme, rest)) => {
+            let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+            let host = authority
+                .rsplit_once('@')
+                .map_or(authority, |(_, host)| host);
+            format!("{scheme}://{host}{path}")
+        }
+        None => before_query.to_owned(),
+    };
+    if let Some(query) = query {
+        let pairs: Vec<String> = query
+            .split('&')
+            .map(|pair| match pair.split_once('=') {
+                Some((name, value)) if !value.is_empty() => format!("{name}=(redacted)"),
+                _ => pair.to_owned(),
+            })
+            .collect();
+        shown.push('?');
+        shown.push_str(&pairs.join("&"));
+    }
+    shown
+}
+
+#[cfg(test)]
+mod tests {
+    use super::redact_url;
+
+    #[test]
+    fn urls_are_shown_without_credentials_or_query_values() {
+        for (url, shown) in [
+            (
+                "http://127.0.0.1:8080/gateway.yaml",
+                "http://127.0.0.1:8080/gateway.yaml",
+            ),
+            (
+                "https://user:secret@config.example/c.yaml?token=abc&v&x=",
+                "https://config.example/c.yaml?token=(redacted)&v&x=",
+            ),
+            ("http://user@host:1?a=b#frag", "http://host:1?a=(redacted)"),
+            ("https://host/p@th", "https://host/p@th"),
+            ("HTTP://a:b@HOST/", "HTTP://HOST/"),
+        ] {
+            assert_eq!(redact_url(url), shown, "{url}");
+        }
+    }
 }

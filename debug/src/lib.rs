@@ -16,7 +16,7 @@
 //! | `/debug/pprof/` (or `/debug/pprof`) | HTML index of the profile views |
 //! | `/debug/pprof/heap` | heap profile, gzipped pprof protobuf, from the [`HeapProfiler`] the binary installs (501 without one) |
 //! | `/debug/runtime` | tokio's stable runtime metrics: `{flavor, workers, alive_tasks, global_queue_depth, per_worker}` |
-//! | `/debug/config/inspect` | `{path, sha256, version, loaded_at, reloads, last_error, source, store?, store_revision?}` |
+//! | `/debug/config/inspect` | `{path, sha256, version, loaded_at, reloads, last_error, source, base?, store?, store_revision?}` |
 //! | `/debug/config/load` | the config in force |
 //! | `/debug/config/version` | `{"version": ...}` |
 //! | `/debug/proxy/router/inspect` | `[{path, method, host, protocol, backends}]` |
@@ -51,8 +51,8 @@ pub use profile::{DEFAULT_SECONDS, MAX_SECONDS};
 pub use query::Query;
 pub use response::{DebugResponse, JSON};
 pub use views::{
-    Applier, ConfigSource, ConfigStatus, ConfigViews, CtrlSource, CtrlViews, Instance, Route,
-    RouterSource, RouterViews, WatcherSource, WatcherViews,
+    Applier, ConfigOrigin, ConfigSource, ConfigStatus, ConfigViews, CtrlSource, CtrlViews,
+    Instance, Route, RouterSource, RouterViews, WatcherSource, WatcherViews,
 };
 
 #[cfg(test)]

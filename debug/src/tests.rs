@@ -22,6 +22,7 @@ impl ConfigSource for FakeConfig {
             reloads: 3,
             last_error: Some("line 2: bad".into()),
             source: "file".into(),
+            base: None,
             store: None,
             store_revision: String::new(),
         }

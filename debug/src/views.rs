@@ -26,15 +26,44 @@ pub struct ConfigStatus {
     pub reloads: u64,
     /// The last load or apply failure; the config in force stayed.
     pub last_error: Option<String>,
-    /// Where the config in force came from: `file`, or `store` when endpoints of the
-    /// config store (`--store`) are merged in.
+    /// Where the config in force came from: `store` when endpoints of the config store
+    /// (`--store`) are merged in, else the source of `base` (`file`, `remote`, `ctrl`).
     pub source: String,
+    /// The config the store endpoints are merged into (the whole config without a store):
+    /// where it came from and its version.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub base: Option<ConfigOrigin>,
     /// The config store's DSN (no credentials), when there is one.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub store: Option<String>,
     /// The store revision merged into the config in force ("" without a store).
     #[serde(skip_serializing_if = "String::is_empty")]
     pub store_revision: String,
+}
+
+/// Where a config came from and its version, in `/debug/config/inspect` (`base`) and the
+/// admin API's `GET /admin/v1/config`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct ConfigOrigin {
+    /// `file` (`--conf PATH`), `remote` (`--conf http(s)://...`) or `ctrl` (a release of
+    /// the control service, `--ctrl-service`, written to `--conf`).
+    pub source: String,
+    /// The config file (`file`, `ctrl`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    /// The config URL (`remote`) or the control service that sent the release (`ctrl`),
+    /// without credentials and query values.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+    /// The gateway name the control service knows (`ctrl`: `--ctrl-name`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// The `ETag` the server sent with the config in force, as sent (`remote`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub etag: Option<String>,
+    /// `file`: the first 12 hex digits of the sha256 of what was loaded; `remote`: the
+    /// `ETag` without quotes (else as `file`); `ctrl`: the release version.
+    pub version: String,
 }
 
 /// The config source: the loader's status and the config in force.

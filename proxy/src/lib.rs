@@ -103,6 +103,28 @@ struct RouterState {
     any_host: bool,
 }
 
+/// A router built by [`Proxy::build`] and not serving yet. [`Proxy::install`] swaps it in;
+/// dropped instead, it is closed (its clients and middlewares released).
+pub struct BuiltRouter {
+    state: Option<RouterState>,
+}
+
+impl std::fmt::Debug for BuiltRouter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BuiltRouter")
+            .field("routes", &self.state.as_ref().map_or(0, |s| s.routes.len()))
+            .finish()
+    }
+}
+
+impl Drop for BuiltRouter {
+    fn drop(&mut self) {
+        if let Some(state) = self.state.take() {
+            spawn_close(async move { state.router.sync_close(Duration::ZERO).await });
+        }
+    }
+}
+
 /// The gateway's request handler.
 pub struct Proxy {
     state: ArcSwap<RouterState>,
@@ -186,6 +208,24 @@ impl Proxy {
     /// Builds a complete router for `config` and swaps it in; the old router drains and
     /// closes in the background. On error nothing changes.
     pub fn update(&self, config: &configs::Gateway) -> Result<(), UpdateError> {
+        let built = self.build(config)?;
+        self.install(built);
+        Ok(())
+    }
+
+    /// Builds a complete router for `config` and closes it at once, swapping nothing: does
+    /// `update` succeed on this config?
+    pub fn check(&self, config: &configs::Gateway) -> Result<(), UpdateError> {
+        self.build(config).map(drop)
+    }
+
+    /// Builds a complete router for `config` without swapping it in: [`install`] does that
+    /// later, so a caller can validate a change and apply it with one build (the admin API
+    /// builds before it stores a change, then installs when the store brings it back). On
+    /// error, what was built so far is closed.
+    ///
+    /// [`install`]: Proxy::install
+    pub fn build(&self, config: &configs::Gateway) -> Result<BuiltRouter, UpdateError> {
         let mut router = MuxRouter::new();
         let mut routes = Vec::with_capacity(config.endpoints.len());
         if let Err(err) = self.build_routes(config, &mut router, &mut routes) {
@@ -195,24 +235,24 @@ impl Proxy {
             return Err(err);
         }
         let any_host = routes.iter().any(|route| !route.host.is_empty());
-        let old = self.state.swap(Arc::new(RouterState {
-            router,
-            routes,
-            any_host,
-        }));
-        let grace = self.close_grace;
-        spawn_close(async move { old.router.sync_close(grace).await });
-        Ok(())
+        Ok(BuiltRouter {
+            state: Some(RouterState {
+                router,
+                routes,
+                any_host,
+            }),
+        })
     }
 
-    /// Builds a complete router for `config` and closes it at once, swapping nothing: does
-    /// `update` succeed on this config? (The admin API asks before it stores a change.)
-    pub fn check(&self, config: &configs::Gateway) -> Result<(), UpdateError> {
-        let mut router = MuxRouter::new();
-        let mut routes = Vec::with_capacity(config.endpoints.len());
-        let built = self.build_routes(config, &mut router, &mut routes);
-        spawn_close(async move { router.sync_close(Duration::ZERO).await });
-        built
+    /// Swaps in a router [`build`](Proxy::build) made (on this proxy); the old router
+    /// drains and closes in the background.
+    pub fn install(&self, mut built: BuiltRouter) {
+        let Some(state) = built.state.take() else {
+            return;
+        };
+        let old = self.state.swap(Arc::new(state));
+        let grace = self.close_grace;
+        spawn_close(async move { old.router.sync_close(grace).await });
     }
 
     fn build_routes(

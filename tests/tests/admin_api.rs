@@ -4,6 +4,7 @@
 use std::time::{Duration, Instant};
 
 use serde_json::json;
+use sha2::{Digest, Sha256};
 use tests::admin::{self, TOKEN};
 use tests::assert_eventually;
 use tests::config;
@@ -130,8 +131,21 @@ async fn a_put_is_routed_replaces_a_file_endpoint_and_survives_a_restart() {
     assert_eq!(get(&gw.url("/file/x")).await.body, "replacing");
     let config = admin::json(&admin::get(addr, "/admin/v1/config").await);
     assert_eq!(config["source"], "store");
-    assert!(
-        config["version"].as_str().unwrap().contains('+'),
+    // Store endpoints merged into the file: the file's hash, then the store's revision.
+    let file_sha = hex::encode(Sha256::digest(std::fs::read(&gw.conf).unwrap()));
+    assert_eq!(
+        config["base"],
+        json!({
+            "source": "file",
+            "path": gw.conf.display().to_string(),
+            "version": file_sha[..12],
+        })
+    );
+    let revision = config["storeRevision"].as_str().unwrap();
+    assert!(!revision.is_empty(), "{config}");
+    assert_eq!(
+        config["version"],
+        format!("{}+{revision}", &file_sha[..12]),
         "{config}"
     );
     assert_eq!(
@@ -147,6 +161,8 @@ async fn a_put_is_routed_replaces_a_file_endpoint_and_survives_a_restart() {
     let inspect: serde_json::Value =
         serde_json::from_str(&get(&gw.url("/debug/config/inspect")).await.body).unwrap();
     assert_eq!(inspect["source"], "store", "{inspect}");
+    assert_eq!(inspect["base"]["source"], "file", "{inspect}");
+    assert_eq!(inspect["base"]["version"], file_sha[..12], "{inspect}");
     assert_eq!(
         inspect["store"],
         format!("file://{}", store.path().display())

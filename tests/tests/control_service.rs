@@ -93,7 +93,13 @@ async fn a_release_is_applied_at_start_up_and_304_keeps_it_until_a_new_version()
     let (a, b) = (Upstream::named("A").await, Upstream::named("B").await);
     let ctrl = CtrlDouble::start().await;
     ctrl.release("v1", &config("v1", &[("/b", &b.target())]), &[]);
-    let gw = start(&single("/a", &a.target(), ""), &ctrl_flags(&ctrl.url())).await;
+    let store = tempfile::tempdir().unwrap();
+    let mut flags = ctrl_flags(&ctrl.url());
+    flags.extend(tests::admin::flags(&format!(
+        "file://{}",
+        store.path().display()
+    )));
+    let gw = start(&single("/a", &a.target(), ""), &flags).await;
 
     // Fetched before the first load: the gateway starts on the release, not on the disk file.
     assert_eq!(body(&gw, "/b").await, "200 B");
@@ -112,6 +118,12 @@ async fn a_release_is_applied_at_start_up_and_304_keeps_it_until_a_new_version()
         "v1",
         "{written}"
     );
+    // The config in force says it is the control service's release v1.
+    let origin = json!({"source": "ctrl", "path": gw.conf.display().to_string(),
+                        "url": ctrl.url(), "name": "gw-test", "version": "v1"});
+    let status = json_view(&gw, "/debug/config/inspect").await;
+    assert_eq!(status["source"], "ctrl", "{status}");
+    assert_eq!(status["base"], origin);
 
     // The version goes back as last_version, and 304 leaves the file alone.
     let inode = std::fs::metadata(&gw.conf).unwrap().ino();
@@ -136,6 +148,19 @@ async fn a_release_is_applied_at_start_up_and_304_keeps_it_until_a_new_version()
         expect_eq(body(&gw, "/c").await, "200 A")
     });
     assert_eq!(get(&gw.url("/b")).await.status, 404);
+    assert_eq!(
+        json_view(&gw, "/debug/config/inspect").await["base"]["version"],
+        "v2"
+    );
+    // The admin API says the same, with the store revision merged in.
+    let admin_config =
+        tests::admin::json(&tests::admin::get(gw.admin_addr.unwrap(), "/admin/v1/config").await);
+    assert_eq!(admin_config["source"], "ctrl", "{admin_config}");
+    assert_eq!(admin_config["base"]["source"], "ctrl");
+    assert_eq!(admin_config["base"]["name"], "gw-test");
+    assert_eq!(admin_config["base"]["version"], "v2");
+    let revision = admin_config["storeRevision"].as_str().unwrap();
+    assert_eq!(admin_config["version"], format!("v2+{revision}"));
 
     let inspect = json_view(&gw, "/debug/ctrl/inspect").await;
     assert_eq!(inspect["last_version"], "v2");
@@ -320,6 +345,16 @@ async fn an_invalid_release_is_refused_by_the_loader_and_old_routes_keep_serving
         json_view(&gw, "/debug/config/version").await["version"],
         "v1"
     );
+    // v2 was written but refused: the config in force is still release v1.
+    let status = json_view(&gw, "/debug/config/inspect").await;
+    assert_eq!(
+        (
+            status["source"].as_str(),
+            status["base"]["version"].as_str()
+        ),
+        (Some("ctrl"), Some("v1")),
+        "{status}"
+    );
 
     // A config that is not JSON at all is not written: the file keeps v2's text.
     let before = std::fs::read(&gw.conf).unwrap();
@@ -353,6 +388,10 @@ async fn a_silent_control_service_at_start_up_leaves_the_file_on_disk() {
     assert!(error.contains("no answer within"), "{inspect}");
     assert_eq!(inspect["last_version"], "");
     assert!(json_view(&gw, "/debug/ctrl/load").await["error"].is_string());
+    // Nothing came from the control service: the config in force is the file's.
+    let status = json_view(&gw, "/debug/config/inspect").await;
+    assert_eq!(status["source"], "file", "{status}");
+    assert_eq!(status["base"]["source"], "file", "{status}");
     gw.stop().await.unwrap();
 }
 

@@ -121,6 +121,7 @@ async fn config_inspect_follows_reloads_and_errors() {
     assert_eq!(
         keys,
         [
+            "base",
             "last_error",
             "loaded_at",
             "path",
@@ -131,6 +132,15 @@ async fn config_inspect_follows_reloads_and_errors() {
         ]
     );
     assert_eq!(inspect["source"], "file");
+    // Where the config came from: the file, versioned by its hash.
+    assert_eq!(
+        inspect["base"],
+        serde_json::json!({
+            "source": "file",
+            "path": gw.conf.display().to_string(),
+            "version": sha256_of(&gw.conf)[..12],
+        })
+    );
     assert_eq!(inspect["path"], gw.conf.display().to_string());
     assert_eq!(inspect["sha256"], sha256_of(&gw.conf));
     assert_eq!(inspect["version"], "v1");
@@ -155,6 +165,7 @@ async fn config_inspect_follows_reloads_and_errors() {
     });
     let (_, inspect) = get_json(&gw, "/debug/config/inspect").await;
     assert_eq!(inspect["sha256"], sha256_of(&gw.conf));
+    assert_eq!(inspect["base"]["version"], sha256_of(&gw.conf)[..12]);
     assert_eq!(inspect["version"], "v2");
     assert_eq!(inspect["last_error"], Value::Null);
     assert_eq!(
@@ -178,6 +189,7 @@ async fn config_inspect_follows_reloads_and_errors() {
     );
     let (_, inspect) = get_json(&gw, "/debug/config/inspect").await;
     assert_eq!(inspect["sha256"], good_sha, "the config in force stays");
+    assert_eq!(inspect["base"]["version"], good_sha[..12]);
     assert_eq!(inspect["version"], "v2");
     assert_eq!(inspect["reloads"], 1);
     assert_eq!(

@@ -17,6 +17,8 @@ struct Served {
     etag: String,
     body: String,
     requests: usize,
+    /// The path and query of each request.
+    uris: Vec<String>,
     /// The `If-None-Match` of each request ("" when absent).
     if_none_match: Vec<String>,
 }
@@ -35,6 +37,7 @@ async fn config_server(addr: std::net::SocketAddr, shared: Shared) -> Upstream {
         async move {
             let mut served = lock(&shared);
             served.requests += 1;
+            served.uris.push(req.uri().to_string());
             let condition = req
                 .headers()
                 .get(header::IF_NONE_MATCH)
@@ -88,6 +91,12 @@ async fn remote_config_follows_etags_and_keeps_routes_on_failures() {
     let status = inspect(&gw).await;
     assert_eq!(status["path"], url.as_str());
     assert_eq!(status["version"], "v1");
+    // Where it came from: the URL, versioned by the ETag of the body in force.
+    assert_eq!(status["source"], "remote");
+    assert_eq!(
+        status["base"],
+        serde_json::json!({"source": "remote", "url": url, "etag": "\"v1\"", "version": "v1"})
+    );
 
     // Polls (every 100 ms) carry the ETag and get 304s; nothing changes.
     let start = lock(&shared).requests;
@@ -118,6 +127,13 @@ async fn remote_config_follows_etags_and_keeps_routes_on_failures() {
     assert_eq!(
         (status["version"].as_str(), status["reloads"].as_u64()),
         (Some("v2"), Some(1))
+    );
+    assert_eq!(
+        (
+            status["base"]["version"].as_str(),
+            status["base"]["etag"].as_str()
+        ),
+        (Some("v2"), Some("\"v2\""))
     );
 
     // A 500 keeps the routes and shows the error.
@@ -150,6 +166,8 @@ async fn remote_config_follows_etags_and_keeps_routes_on_failures() {
     );
     assert_eq!(get(&gw.url("/svc")).await.body, "b");
     assert_eq!(inspect(&gw).await["version"], "v2");
+    // The refused body's ETag was fetched, but the config in force is still v2's.
+    assert_eq!(inspect(&gw).await["base"]["version"], "v2");
 
     // The server goes away: still serving, the fetch error is shown.
     let addr = server.addr;
@@ -179,7 +197,93 @@ async fn remote_config_follows_etags_and_keeps_routes_on_failures() {
     });
     let status = inspect(&gw).await;
     assert_eq!(status["version"], "v4", "{status}");
+    assert_eq!(status["base"]["version"], "v4", "{status}");
     assert_eq!(status["last_error"], Value::Null, "{status}");
+    gw.stop().await.expect("clean stop");
+}
+
+/// The URL is fetched as given, but shown (debug view, admin API, errors) without its
+/// credentials and query values; the admin API names the remote source and its ETag.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_remote_origin_is_shown_without_secrets_in_inspect_and_the_admin_api() {
+    let a = Upstream::named("a").await;
+    let shared: Shared = Arc::new(Mutex::new(Served {
+        status: 200,
+        etag: "W/\"rel-7\"".into(),
+        body: routes_to(&a.target(), "v7"),
+        ..Served::default()
+    }));
+    let server = config_server("127.0.0.1:0".parse().expect("addr"), shared.clone()).await;
+    let url = format!(
+        "http://deploy:pa55word@{}/gateway.yaml?token=hunter2&env=eu9west",
+        server.addr
+    );
+    let shown = format!(
+        "http://{}/gateway.yaml?token=(redacted)&env=(redacted)",
+        server.addr
+    );
+    let store = tempfile::tempdir().expect("tempdir");
+    let flags = tests::admin::flags(&format!("file://{}", store.path().display()));
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let gw = TestGateway::start_conf(&url, &flags).await.expect("starts");
+    assert_eq!(get(&gw.url("/svc")).await.body, "a");
+    assert_eq!(
+        lock(&shared).uris[0],
+        "/gateway.yaml?token=hunter2&env=eu9west",
+        "fetched with its query"
+    );
+
+    let reply = get(&gw.url("/debug/config/inspect")).await;
+    for secret in ["pa55word", "hunter2", "eu9west", "deploy"] {
+        assert!(!reply.body.contains(secret), "{secret}: {}", reply.body);
+    }
+    let status: Value = serde_json::from_str(&reply.body).expect("json");
+    assert_eq!(status["path"], shown.as_str());
+    assert_eq!(status["source"], "remote");
+    assert_eq!(
+        status["base"],
+        serde_json::json!({"source": "remote", "url": shown, "etag": "W/\"rel-7\"", "version": "rel-7"})
+    );
+
+    let admin_addr = gw.admin_addr.expect("admin");
+    let reply = tests::admin::get(admin_addr, "/admin/v1/config").await;
+    for secret in ["pa55word", "hunter2", "eu9west", "deploy"] {
+        assert!(!reply.body.contains(secret), "{secret}: {}", reply.body);
+    }
+    let config = tests::admin::json(&reply);
+    assert_eq!(config["source"], "remote");
+    assert_eq!(config["base"], status["base"]);
+    let revision = config["storeRevision"].as_str().expect("a revision");
+    assert_eq!(config["version"], format!("rel-7+{revision}"));
+
+    // With a store endpoint merged in, the source is the store, over the remote base.
+    let put = tests::admin::put(
+        admin_addr,
+        "extra",
+        &tests::admin::endpoint("/extra", &a.target()),
+        &[],
+    )
+    .await;
+    assert_eq!(put.status, 200, "{}", put.body);
+    let config = tests::admin::json(&tests::admin::get(admin_addr, "/admin/v1/config").await);
+    assert_eq!(config["source"], "store");
+    assert_eq!(config["base"]["source"], "remote");
+    let revision = config["storeRevision"].as_str().expect("a revision");
+    assert_eq!(config["version"], format!("rel-7+{revision}"));
+
+    // A failed fetch names the URL without its secrets too.
+    lock(&shared).status = 500;
+    assert_eventually!(Duration::from_secs(5), "the 500 in last_error", || async {
+        inspect(&gw).await["last_error"]
+            .as_str()
+            .unwrap_or("")
+            .contains("500")
+    });
+    let error = inspect(&gw).await["last_error"]
+        .as_str()
+        .unwrap_or("")
+        .to_owned();
+    assert!(error.starts_with(&shown), "{error}");
     gw.stop().await.expect("clean stop");
 }
 

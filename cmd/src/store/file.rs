@@ -50,16 +50,23 @@ impl FileStore {
             .map_err(|err| StoreError::Unavailable(err.to_string()))?
     }
 
-    async fn publish(&self) {
-        match self
-            .blocking(|dir| read_all(&dir).map_err(StoreError::Unavailable))
-            .await
-        {
-            Ok(endpoints) => {
-                self.snapshot.send_replace(Arc::new(snapshot_of(endpoints)));
+    /// Publishes the snapshot with `id` set to `stored` (removed when `None`). Only the
+    /// written file changed (writes are serialized and this gateway is the only writer), so
+    /// the others are not read again: with 1,000 endpoints that would be most of a write.
+    fn publish(&self, id: &str, stored: Option<StoredEndpoint>) {
+        self.snapshot.send_modify(|current| {
+            let mut endpoints = current.endpoints.clone();
+            let at = endpoints.binary_search_by(|e| e.id.as_str().cmp(id));
+            match (at, stored) {
+                (Ok(i), Some(stored)) => endpoints[i] = stored,
+                (Err(i), Some(stored)) => endpoints.insert(i, stored),
+                (Ok(i), None) => {
+                    endpoints.remove(i);
+                }
+                (Err(_), None) => {}
             }
-            Err(error) => tracing::error!(%error, "cannot re-read the file store"),
-        }
+            *current = Arc::new(snapshot_of(endpoints));
+        });
     }
 }
 
@@ -114,25 +121,25 @@ impl ConfigStore for FileStore {
                 })
             })
             .await?;
-        self.publish().await;
+        self.publish(&stored.id, Some(stored.clone()));
         Ok(stored)
     }
 
     async fn delete(&self, id: &str, if_match: Option<&str>) -> Result<(), StoreError> {
         let _write = self.write.lock().await;
         let path = self.path(id);
-        let id = id.to_owned();
+        let owned = id.to_owned();
         let if_match = if_match.map(str::to_owned);
         self.blocking(move |_| {
-            let Some(current) = read_one(&path, &id)? else {
-                return Err(StoreError::NotFound(id));
+            let Some(current) = read_one(&path, &owned)? else {
+                return Err(StoreError::NotFound(owned));
             };
             check_version(Some(&current), if_match.as_deref())?;
             std::fs::remove_file(&path)
                 .map_err(|err| StoreError::Unavailable(format!("{}: {err}", path.display())))
         })
         .await?;
-        self.publish().await;
+        self.publish(id, None);
         Ok(())
     }
 

@@ -44,13 +44,14 @@ mod advertise;
 mod protocol;
 mod write;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, SystemTime};
 
 use http::StatusCode;
 use serde::Serialize;
+use sha2::{Digest, Sha256};
 use tokio_util::sync::CancellationToken;
 
 pub use advertise::advertise_addr;
@@ -213,6 +214,22 @@ struct State {
     logged: Vec<Option<String>>,
     /// The write or priority problem last logged.
     logged_write: Option<String>,
+    /// The releases written lately, newest first, for [`CtrlLoader::release_of`].
+    written: VecDeque<WrittenRelease>,
+}
+
+/// How many written releases [`CtrlLoader::release_of`] remembers.
+const WRITTEN_KEPT: usize = 16;
+
+/// A release written to the config file, as [`CtrlLoader::release_of`] finds it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WrittenRelease {
+    /// The release's `version`.
+    pub version: String,
+    /// The control-service URL that sent it.
+    pub url: String,
+    /// Hex sha256 of the config file it was written as.
+    pub sha256: String,
 }
 
 impl CtrlLoader {
@@ -264,6 +281,23 @@ impl CtrlLoader {
     /// The feature flags in force.
     pub fn features(&self) -> Features {
         self.state().features.clone()
+    }
+
+    /// The gateway name sent to the control service (`--ctrl-name`).
+    pub fn name(&self) -> &str {
+        &self.inner.options.name
+    }
+
+    /// The release (among the last 16 written) whose config file has the hex sha256
+    /// `main_sha256`, newest first: tells whether the config in force came from the control
+    /// service, and from which release (a release the loader refused is written but never
+    /// in force, so the one before it is found).
+    pub fn release_of(&self, main_sha256: &str) -> Option<WrittenRelease> {
+        self.state()
+            .written
+            .iter()
+            .find(|release| release.sha256 == main_sha256)
+            .cloned()
     }
 
     /// The last release payload received, as the control service sent it.
@@ -430,6 +464,7 @@ impl CtrlLoader {
         let conf = self.inner.options.conf.clone();
         let priority_dir = self.inner.options.priority_dir.clone();
         let items = release.priority_configs.clone();
+        let sha256 = hex::encode(Sha256::digest(yaml.as_bytes()));
         let written = tokio::task::spawn_blocking(move || {
             write::write_atomically(&conf, yaml.as_bytes())
                 .map_err(|error| format!("writing {}: {error}", conf.display()))?;
@@ -449,6 +484,12 @@ impl CtrlLoader {
         {
             let mut state = self.state();
             state.last_version = release.version.clone();
+            state.written.push_front(WrittenRelease {
+                version: release.version.clone(),
+                url: url.as_str().to_owned(),
+                sha256,
+            });
+            state.written.truncate(WRITTEN_KEPT);
             state.release = Some(payload);
             state.last_release = Some(SystemTime::now());
             state.releases += 1;
