@@ -3,6 +3,7 @@ pub mod admin;
 pub mod config;
 pub mod consul;
 pub mod ctrl;
+pub mod doomed;
 pub mod embedded;
 pub mod etcd;
 pub mod eventually;

@@ -11,6 +11,7 @@ use tests::admin;
 use tests::assert_eventually;
 use tests::config;
 use tests::consul::ConsulDouble;
+use tests::doomed::Doomed;
 use tests::eventually::expect_eq;
 use tests::harness::{TestGateway, Upstream, get};
 
@@ -395,63 +396,6 @@ async fn an_acl_token_in_the_dsn_is_sent_and_never_shown() {
     assert!(!config.body.contains("s3cret"), "{}", config.body);
     let inspect = get(&gateway.url("/debug/config/inspect")).await;
     assert!(!inspect.body.contains("s3cret"), "{}", inspect.body);
-}
-
-/// A gateway on its own runtime and thread; `die()` drops that runtime, so every task of
-/// the gateway stops where it is (no session destroyed), as a killed process would.
-struct Doomed {
-    admin_addr: SocketAddr,
-    die: Option<tokio::sync::oneshot::Sender<()>>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl Doomed {
-    fn start(flags: Vec<String>, yaml: String) -> Doomed {
-        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-        let (die, die_rx) = tokio::sync::oneshot::channel::<()>();
-        let thread = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(1)
-                .enable_all()
-                .build()
-                .expect("runtime");
-            let gateway = runtime.block_on(async move {
-                let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
-                let gateway = TestGateway::start_with(&yaml, &flags)
-                    .await
-                    .expect("gateway starts");
-                ready_tx.send(gateway.admin_addr.unwrap()).expect("report");
-                let _ = die_rx.await;
-                gateway
-            });
-            // Every task (watch, session renewal, servers) is dropped mid-flight.
-            runtime.shutdown_background();
-            drop(gateway);
-        });
-        let admin_addr = ready_rx
-            .recv_timeout(PATIENCE)
-            .expect("the doomed gateway started");
-        Doomed {
-            admin_addr,
-            die: Some(die),
-            thread: Some(thread),
-        }
-    }
-
-    fn die(&mut self) {
-        if let Some(die) = self.die.take() {
-            let _ = die.send(());
-        }
-        if let Some(thread) = self.thread.take() {
-            thread.join().expect("gateway thread");
-        }
-    }
-}
-
-impl Drop for Doomed {
-    fn drop(&mut self) {
-        self.die();
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

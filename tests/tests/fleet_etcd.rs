@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use tests::admin::{self, TOKEN};
 use tests::assert_eventually;
 use tests::config;
+use tests::doomed::Doomed;
 use tests::etcd::EtcdServer;
 use tests::eventually::expect_eq;
 use tests::harness::{TestGateway, Upstream, get};
@@ -246,63 +247,6 @@ async fn both_gateways_serve_through_an_etcd_outage_and_catch_up() {
     assert_eventually!(PATIENCE, "both gateways listed again", || async {
         expect_eq(instance_addrs(admin_two).await, want.clone())
     });
-}
-
-/// A gateway on its own runtime and thread; `die()` drops that runtime, so every task of
-/// the gateway stops where it is (no deregistration), as a killed process would.
-struct Doomed {
-    admin_addr: SocketAddr,
-    die: Option<tokio::sync::oneshot::Sender<()>>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl Doomed {
-    fn start(flags: Vec<String>, yaml: String) -> Doomed {
-        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-        let (die, die_rx) = tokio::sync::oneshot::channel::<()>();
-        let thread = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(1)
-                .enable_all()
-                .build()
-                .expect("runtime");
-            let gateway = runtime.block_on(async move {
-                let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
-                let gateway = TestGateway::start_with(&yaml, &flags)
-                    .await
-                    .expect("gateway starts");
-                ready_tx.send(gateway.admin_addr.unwrap()).expect("report");
-                let _ = die_rx.await;
-                gateway
-            });
-            // Every task (watch, lease keep-alive, servers) is dropped mid-flight.
-            runtime.shutdown_background();
-            drop(gateway);
-        });
-        let admin_addr = ready_rx
-            .recv_timeout(PATIENCE)
-            .expect("the doomed gateway started");
-        Doomed {
-            admin_addr,
-            die: Some(die),
-            thread: Some(thread),
-        }
-    }
-
-    fn die(&mut self) {
-        if let Some(die) = self.die.take() {
-            let _ = die.send(());
-        }
-        if let Some(thread) = self.thread.take() {
-            thread.join().expect("gateway thread");
-        }
-    }
-}
-
-impl Drop for Doomed {
-    fn drop(&mut self) {
-        self.die();
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -385,18 +385,13 @@ impl Inner {
 
     /// Publishes the endpoints unless they did not change; `true` when published.
     fn publish(&self, endpoints: Vec<StoredEndpoint>, index: u64) -> bool {
-        let snapshot = Snapshot {
-            revision: index.to_string(),
-            endpoints,
-        };
-        self.snapshot.send_if_modified(|current| {
-            // The first read is news even when empty: start-up waits for it.
-            if !current.revision.is_empty() && current.endpoints == snapshot.endpoints {
-                return false;
-            }
-            *current = Arc::new(snapshot);
-            true
-        })
+        super::publish(
+            &self.snapshot,
+            Snapshot {
+                revision: index.to_string(),
+                endpoints,
+            },
+        )
     }
 
     /// Keeps `PREFIX/instances/<id>` locked by a TTL session: create the session, write the

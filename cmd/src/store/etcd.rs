@@ -249,18 +249,13 @@ impl Inner {
     }
 
     fn publish(&self, endpoints: &BTreeMap<String, StoredEndpoint>, revision: i64) {
-        let snapshot = Snapshot {
-            revision: revision.to_string(),
-            endpoints: endpoints.values().cloned().collect(),
-        };
-        self.snapshot.send_if_modified(|current| {
-            // The first list is news even when empty: start-up waits for it.
-            if !current.revision.is_empty() && current.endpoints == snapshot.endpoints {
-                return false;
-            }
-            *current = Arc::new(snapshot);
-            true
-        });
+        super::publish(
+            &self.snapshot,
+            Snapshot {
+                revision: revision.to_string(),
+                endpoints: endpoints.values().cloned().collect(),
+            },
+        );
     }
 
     /// Keeps `PREFIX/instances/<id>` under a lease: grant, put, then every third of the TTL

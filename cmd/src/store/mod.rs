@@ -109,6 +109,19 @@ pub(crate) trait ConfigStore: Send + Sync {
     async fn instances(&self) -> Result<Vec<InstanceInfo>, StoreError>;
 }
 
+/// Sends `snapshot` to the store's watchers unless only its revision differs from the one
+/// they have; `true` when sent. The first snapshot is news even when empty: start-up waits
+/// for it.
+pub(crate) fn publish(sender: &watch::Sender<Arc<Snapshot>>, snapshot: Snapshot) -> bool {
+    sender.send_if_modified(|current| {
+        if !current.revision.is_empty() && current.endpoints == snapshot.endpoints {
+            return false;
+        }
+        *current = Arc::new(snapshot);
+        true
+    })
+}
+
 /// Opens the store `dsn` (`file://DIR`, `etcd://HOST:PORT[,...]/PREFIX` or
 /// `consul://HOST:PORT/PREFIX`). Its background tasks (watch, instance lease or session)
 /// end with `shutdown`.
