@@ -22,16 +22,17 @@
 //! - Dialing: `connect_timeout` per attempt, `TCP_NODELAY`, TCP keep-alive after 60 s, then
 //!   TLS (rustls, ALPN `http/1.1` or `h2`) for secure nodes. Failures are `Error::Connect`.
 //! - Pools are shared by every endpoint that reaches the same node through the same
-//!   transport, also across reloads (the factory keeps a weak map), so a reload does not
-//!   drop warm connections. A sweeper closes connections idle longer than
-//!   `pool_idle_timeout`.
+//!   transport. The factory keeps every pool that is in use or still holds idle
+//!   connections, so neither a reload nor a registry update (both make new `Node`s) drops
+//!   warm connections. A sweeper closes connections idle longer than `pool_idle_timeout`
+//!   and forgets pools nobody uses that hold none.
 
 use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -88,7 +89,8 @@ type PoolKey = (String, bool, usize);
 /// The pools of one factory, by node address, security and transport.
 pub(crate) struct Pools {
     settings: PoolSettings,
-    map: Mutex<HashMap<PoolKey, Weak<NodePool>>>,
+    /// Every pool in use (a node holds it) or holding idle connections.
+    map: Mutex<HashMap<PoolKey, Arc<NodePool>>>,
 }
 
 impl Pools {
@@ -126,8 +128,8 @@ impl Pools {
     ) -> Option<Arc<NodePool>> {
         let key = (address.to_owned(), tls, transport.id);
         let mut map = lock(&self.map);
-        if let Some(pool) = map.get(&key).and_then(Weak::upgrade) {
-            return Some(pool);
+        if let Some(pool) = map.get(&key) {
+            return Some(pool.clone());
         }
         let pool = Arc::new(NodePool::new(
             address,
@@ -135,19 +137,17 @@ impl Pools {
             transport.clone(),
             self.settings,
         )?);
-        map.insert(key, Arc::downgrade(&pool));
+        // Without a sweeper (no runtime at start), forget unused pools here.
+        map.retain(|_, pool| !pool.forgettable());
+        map.insert(key, pool.clone());
         Some(pool)
     }
 
     fn sweep(&self) {
-        let live: Vec<Arc<NodePool>> = {
-            let mut map = lock(&self.map);
-            map.retain(|_, pool| pool.strong_count() > 0);
-            map.values().filter_map(Weak::upgrade).collect()
-        };
-        for pool in live {
-            pool.sweep();
-        }
+        lock(&self.map).retain(|_, pool| {
+            pool.sweep(Arc::strong_count(pool) == 1);
+            !pool.forgettable()
+        });
     }
 
     #[cfg(test)]
@@ -327,11 +327,20 @@ impl NodePool {
         });
     }
 
-    fn sweep(&self) {
+    /// Nobody but the factory holds it and it has no connection to keep.
+    fn forgettable(self: &Arc<Self>) -> bool {
+        Arc::strong_count(self) == 1
+            && lock(&self.idle).is_empty()
+            && lock(&self.shared_h2).is_none()
+    }
+
+    /// Closes idle HTTP/1.1 connections past the idle timeout, forgets closed ones, and
+    /// closes the HTTP/2 connection of a pool no node uses any more.
+    fn sweep(&self, unused: bool) {
         let timeout = self.settings.idle_timeout;
         lock(&self.idle).retain(|conn| !conn.sender.is_closed() && conn.since.elapsed() < timeout);
         let mut h2 = lock(&self.shared_h2);
-        if h2.as_ref().is_some_and(http2::SendRequest::is_closed) {
+        if unused || h2.as_ref().is_some_and(http2::SendRequest::is_closed) {
             *h2 = None;
         }
     }
@@ -510,5 +519,84 @@ mod tests {
         drop((a, b, other, secure));
         pools.sweep();
         assert_eq!(pools.len(), 0);
+    }
+
+    /// An HTTP/1.1 server answering `ok`, counting the connections it accepts.
+    async fn counting_server() -> (String, Arc<AtomicUsize>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap().to_string();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let count = accepted.clone();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                count.fetch_add(1, Ordering::SeqCst);
+                let service = hyper::service::service_fn(|_| async {
+                    Ok::<_, std::convert::Infallible>(Response::new(http_body_util::Full::new(
+                        bytes::Bytes::from_static(b"ok"),
+                    )))
+                });
+                tokio::spawn(
+                    hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service),
+                );
+            }
+        });
+        (address, accepted)
+    }
+
+    /// One GET through `pool`, its body read to the end.
+    async fn get(pool: &Arc<NodePool>) {
+        use http_body_util::BodyExt;
+        let body = http_body_util::Empty::new()
+            .map_err(|never| match never {})
+            .boxed_unsync();
+        let request = Request::builder()
+            .uri("/")
+            .header(http::header::HOST, "node")
+            .body(body)
+            .unwrap();
+        let (response, lease) = pool.send(request).await.unwrap();
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(body, "ok");
+        lease.expect("HTTP/1.1 lends its connection").release();
+        // hyper marks the connection ready again from its own task.
+        for _ in 0..1_000 {
+            if lock(&pool.idle).iter().any(|conn| conn.sender.is_ready()) {
+                return;
+            }
+            tokio::task::yield_now().await;
+        }
+        panic!("the connection never became ready again");
+    }
+
+    #[tokio::test]
+    async fn idle_connections_outlive_the_nodes_that_made_them_until_the_idle_timeout() {
+        let (address, accepted) = counting_server().await;
+        let pools = Pools::new(PoolSettings {
+            idle_timeout: Duration::from_millis(200),
+            ..settings()
+        });
+        let http1 = Transport::new(crate::tls::default_client_config(), false);
+        let pool = pools.node_pool(&address, false, &http1).unwrap();
+        get(&pool).await;
+        get(&pool).await;
+        // A reload or a registry update replaces the node: its pool and connection stay.
+        drop(pool);
+        pools.sweep();
+        let pool = pools.node_pool(&address, false, &http1).unwrap();
+        get(&pool).await;
+        assert_eq!(
+            accepted.load(Ordering::SeqCst),
+            1,
+            "one connection for all three"
+        );
+        // Unused past the idle timeout: the connection is closed, the pool forgotten.
+        drop(pool);
+        std::thread::sleep(Duration::from_millis(250));
+        pools.sweep();
+        assert_eq!(pools.len(), 0);
+        let pool = pools.node_pool(&address, false, &http1).unwrap();
+        get(&pool).await;
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
     }
 }
