@@ -3,7 +3,6 @@
 //! keep serving while Consul is down and catch up when it returns, and a gateway that dies
 //! without deregistering leaves the instance list when its session's TTL runs out.
 
-use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
@@ -11,8 +10,8 @@ use tests::admin;
 use tests::assert_eventually;
 use tests::config;
 use tests::consul::ConsulDouble;
-use tests::doomed::Doomed;
 use tests::eventually::expect_eq;
+use tests::fleet::{self, Doomed, first_200, instance_addrs};
 use tests::harness::{TestGateway, Upstream, get};
 
 const PATIENCE: Duration = Duration::from_secs(10);
@@ -35,46 +34,8 @@ fn store_dsn(consul: &ConsulDouble) -> String {
     format!("consul://{}/fleet", consul.address())
 }
 
-fn store_flags(dsn: &str) -> Vec<String> {
-    let mut flags = admin::flags(dsn);
-    flags.extend(["--store-lease-ttl".to_owned(), LEASE_TTL.to_owned()]);
-    flags
-}
-
-/// A gateway whose file config routes only `/file/*`, sharing the store `dsn`.
 async fn member(dsn: &str, file_target: &str) -> TestGateway {
-    let flags = store_flags(dsn);
-    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
-    TestGateway::start_with(&config::single("/file/*", file_target, ""), &flags)
-        .await
-        .expect("gateway starts")
-}
-
-/// Polls `url` every 2 ms (at most 10 s) until it answers 200; the time that took.
-async fn first_200(url: &str) -> Duration {
-    let started = Instant::now();
-    while started.elapsed() < PATIENCE {
-        if get(url).await.status == 200 {
-            return started.elapsed();
-        }
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
-    panic!("{url} did not answer 200 within {PATIENCE:?}");
-}
-
-async fn instance_addrs(admin_addr: SocketAddr) -> Vec<String> {
-    let reply = admin::get(admin_addr, "/admin/v1/instances").await;
-    if reply.status != 200 {
-        return vec![format!("status {}", reply.status)];
-    }
-    let mut addrs: Vec<String> = admin::json(&reply)
-        .as_array()
-        .expect("a list")
-        .iter()
-        .map(|instance| instance["addr"].as_str().unwrap_or_default().to_owned())
-        .collect();
-    addrs.sort();
-    addrs
+    fleet::member(dsn, LEASE_TTL, file_target).await
 }
 
 fn millis(duration: Duration) -> String {
@@ -408,7 +369,7 @@ async fn a_gateway_that_dies_leaves_the_instance_list_after_its_session_ttl() {
     let admin_addr = survivor.admin_addr.unwrap();
     let leaver_addr = leaver.admin_addr.unwrap();
     let mut doomed = Doomed::start(
-        store_flags(&dsn),
+        fleet::store_flags(&dsn, LEASE_TTL),
         config::single("/file/*", &file.target(), ""),
     );
     let mut all = vec![

@@ -3,15 +3,14 @@
 //! down and catch up when it returns, and a gateway that dies without deregistering leaves
 //! the instance list when its lease ends.
 
-use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use tests::admin::{self, TOKEN};
 use tests::assert_eventually;
 use tests::config;
-use tests::doomed::Doomed;
 use tests::etcd::EtcdServer;
 use tests::eventually::expect_eq;
+use tests::fleet::{self, Doomed, first_200, instance_addrs};
 use tests::harness::{TestGateway, Upstream, get};
 
 const PATIENCE: Duration = Duration::from_secs(10);
@@ -19,46 +18,12 @@ const PATIENCE: Duration = Duration::from_secs(10);
 /// The hidden lease TTL the tests run with, so a dead gateway is gone in seconds.
 const LEASE_TTL: &str = "2s";
 
-fn store_flags(etcd: &EtcdServer) -> Vec<String> {
-    let mut flags = admin::flags(&format!("etcd://{}/fleet", etcd.endpoint()));
-    flags.extend(["--store-lease-ttl".to_owned(), LEASE_TTL.to_owned()]);
-    flags
+fn dsn(etcd: &EtcdServer) -> String {
+    format!("etcd://{}/fleet", etcd.endpoint())
 }
 
-/// A gateway whose file config routes only `/file/*`, sharing `etcd`'s store.
 async fn member(etcd: &EtcdServer, file_target: &str) -> TestGateway {
-    let flags = store_flags(etcd);
-    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
-    TestGateway::start_with(&config::single("/file/*", file_target, ""), &flags)
-        .await
-        .expect("gateway starts")
-}
-
-/// Polls `url` every 2 ms (at most 10 s) until it answers 200; the time that took.
-async fn first_200(url: &str) -> Duration {
-    let started = Instant::now();
-    while started.elapsed() < PATIENCE {
-        if get(url).await.status == 200 {
-            return started.elapsed();
-        }
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
-    panic!("{url} did not answer 200 within {PATIENCE:?}");
-}
-
-async fn instance_addrs(admin_addr: SocketAddr) -> Vec<String> {
-    let reply = admin::get(admin_addr, "/admin/v1/instances").await;
-    if reply.status != 200 {
-        return vec![format!("status {}", reply.status)];
-    }
-    let mut addrs: Vec<String> = admin::json(&reply)
-        .as_array()
-        .expect("a list")
-        .iter()
-        .map(|instance| instance["addr"].as_str().unwrap_or_default().to_owned())
-        .collect();
-    addrs.sort();
-    addrs
+    fleet::member(&dsn(etcd), LEASE_TTL, file_target).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -256,7 +221,7 @@ async fn a_gateway_that_dies_leaves_the_instance_list_after_its_lease() {
     let survivor = member(&etcd, &file.target()).await;
     let admin_addr = survivor.admin_addr.unwrap();
     let mut doomed = Doomed::start(
-        store_flags(&etcd),
+        fleet::store_flags(&dsn(&etcd), LEASE_TTL),
         config::single("/file/*", &file.target(), ""),
     );
     let mut both = vec![admin_addr.to_string(), doomed.admin_addr.to_string()];
