@@ -4,15 +4,15 @@
 #[path = "../../tests/src/redis.rs"]
 #[allow(dead_code, unreachable_pub)]
 mod redis;
+mod support;
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::process::Command;
 use std::thread;
 use std::time::{Duration, Instant};
 
-const GATEWAY: &str = env!("CARGO_BIN_EXE_gateway");
+use support::{GATEWAY, Gateway};
 
 /// An upstream answering `200 ok` to every request, on its own threads.
 fn upstream() -> u16 {
@@ -31,47 +31,6 @@ fn upstream() -> u16 {
         }
     });
     port
-}
-
-/// A gateway process; killed on drop.
-struct Gateway {
-    child: Child,
-    addr: String,
-}
-
-impl Drop for Gateway {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Starts the gateway with `args` and waits (10 s at most) for the address it logs.
-fn spawn_gateway(args: &[&str]) -> Gateway {
-    let mut child = Command::new(GATEWAY)
-        .args(args)
-        .env("RUST_LOG", "info")
-        .env("NO_COLOR", "1")
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let (addr_tx, addr_rx) = mpsc::channel();
-    thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if let Some(addr) = line
-                .split("addr=")
-                .nth(1)
-                .filter(|_| line.contains("listening"))
-            {
-                let _ = addr_tx.send(addr.split_whitespace().next().unwrap_or("").to_owned());
-            }
-        }
-    });
-    let addr = addr_rx
-        .recv_timeout(Duration::from_secs(10))
-        .expect("gateway logs its address");
-    Gateway { child, addr }
 }
 
 /// One `GET path` on a fresh connection; the status code (0 when there was no answer).
@@ -108,7 +67,7 @@ fn a_limit_in_redis_holds_across_two_gateway_processes() {
     let conf = conf.to_str().unwrap();
     let dsn = redis.dsn();
     let args = ["--conf", conf, "--addr", "127.0.0.1:0", "--redis", &dsn];
-    let gateways = [spawn_gateway(&args), spawn_gateway(&args)];
+    let gateways = [Gateway::start(&args), Gateway::start(&args)];
 
     // Two clients per gateway hammer it for the window; every answer is counted.
     let window = Duration::from_secs(3);
@@ -118,7 +77,7 @@ fn a_limit_in_redis_holds_across_two_gateway_processes() {
         .enumerate()
         .flat_map(|(gateway, gw)| {
             (0..2).map(move |_| {
-                let addr = gw.addr.clone();
+                let addr = gw.addr.to_string();
                 thread::spawn(move || {
                     let mut counts = [0u32; 3]; // 200, 429, other
                     for _ in 0..20_000 {
