@@ -64,7 +64,8 @@ where
                 Poll::Ready(None)
             }
             Poll::Ready(Some(Err(err))) => {
-                this.lease.take();
+                // A broken body leaves its connection unusable: dropped, never pooled.
+                drop(this.lease.take());
                 finish(&mut None, this.done, false);
                 Poll::Ready(Some(Err(err.into())))
             }

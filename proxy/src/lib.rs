@@ -213,12 +213,6 @@ impl Proxy {
         Ok(())
     }
 
-    /// Builds a complete router for `config` and closes it at once, swapping nothing: does
-    /// `update` succeed on this config?
-    pub fn check(&self, config: &configs::Gateway) -> Result<(), UpdateError> {
-        self.build(config).map(drop)
-    }
-
     /// Builds a complete router for `config` without swapping it in: [`install`] does that
     /// later, so a caller can validate a change and apply it with one build (the admin API
     /// builds before it stores a change, then installs when the store brings it back). On
