@@ -23,6 +23,7 @@ use crate::headers::{
 use crate::metrics::{EndpointMetrics, Metrics};
 use crate::render::{Dialect, error_response, rendered};
 use crate::retry::{RetryPolicy, RetrySwitch};
+use crate::server::upgrade::Downstream;
 use crate::tunnel::Tunnels;
 
 /// Request bodies up to this size are buffered so a retry can replay them; larger or
@@ -263,7 +264,7 @@ impl EndpointHandler {
     ) -> Response<Body> {
         // Taken before the request is taken apart: it resolves to the client's connection
         // once the 101 has been written.
-        let downstream = hyper::upgrade::on(&mut req);
+        let downstream = Downstream::take(&mut req);
         self.in_flight.inc();
         let _in_flight = GaugeGuard(&self.in_flight);
         let (parts, body) = req.into_parts();

@@ -6,36 +6,49 @@
 //! HTTP/2 preface included, see [`clock`]), `idle_timeout` between requests, a request body
 //! may pause for at most `read_timeout`, a write may make no progress for at most
 //! `write_timeout`, and at most `max_connections` connections are open at once.
+//!
+//! An idle HTTP/1.1 connection holds no buffers: hyper keeps a read buffer and a write
+//! buffer per connection for its whole life (24 KiB here, never shrunk), so once a
+//! connection has been idle for [`clock::PARK_AFTER`] with its last response written, the
+//! server takes the stream back from hyper (`poll_without_shutdown`, `into_parts`, with any
+//! bytes hyper had read ahead), waits for the socket to become readable, and serves the next
+//! request with a new hyper connection. A parked connection costs its socket, its clock and
+//! a small task. Driving hyper this way leaves upgrades to the server (see [`upgrade`]).
 
 mod clock;
 mod io;
 mod limit;
 mod read_timeout;
+pub(crate) mod upgrade;
 
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use std::pin::Pin;
+
+use bytes::Bytes;
 use http::{Request, Response};
 use hyper::body::Incoming;
-use hyper::service::service_fn;
+use hyper::server::conn::{http1, http2};
+use hyper::service::{HttpService, service_fn};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::{GracefulShutdown, Watcher};
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio_util::task::TaskTracker;
 
 use crate::edge::Edge;
 use crate::metrics::Metrics;
 use crate::tls::{TlsAcceptor, client_certificate};
-use clock::{Activity, ConnectionClock, Expiry, ExpiryCounters, Settings, TrackedBody};
-use io::WatchedIo;
+use clock::{Activity, ConnectionClock, Expiry, ExpiryCounters, Settings, TrackedBody, Wake};
+use io::{Park, Prefixed, WatchedIo};
 use limit::ConnectionSlot;
 pub use limit::{ConnectionLimit, DEFAULT_MAX_CONNECTIONS};
 pub use read_timeout::BodyReadTimeout;
 use read_timeout::ReadTimeoutBody;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
+use upgrade::UpgradeSlot;
 
 /// Limits of the downstream server; none is left unbounded.
 #[derive(Debug, Clone)]
@@ -136,16 +149,16 @@ pub async fn serve(
     edge: Arc<Edge>,
     shutdown: CancellationToken,
 ) {
-    let builder = http_builder(&options);
+    let builders = Arc::new(Builders::new(&options));
     let settings = options.settings(edge.metrics());
-    let graceful = GracefulShutdown::new();
+    let connections = TaskTracker::new();
     while let Some((stream, remote)) = accept(&listener, &shutdown).await {
         let Some(slot) = admit(&options, edge.metrics(), remote) else {
             continue;
         };
-        tokio::spawn(serve_connection(
-            &builder,
-            graceful.watcher(),
+        connections.spawn(serve_connection(
+            builders.clone(),
+            shutdown.clone(),
             stream,
             slot,
             &settings,
@@ -155,7 +168,7 @@ pub async fn serve(
         ));
     }
     drop(listener);
-    drain(graceful, options.shutdown_grace).await;
+    drain(connections, options.shutdown_grace).await;
 }
 
 /// [`serve`] for an HTTPS listener: each accepted connection first completes a TLS
@@ -169,22 +182,21 @@ pub async fn serve_tls(
     edge: Arc<Edge>,
     shutdown: CancellationToken,
 ) {
-    let builder = Arc::new(http_builder(&options));
+    let builders = Arc::new(Builders::new(&options));
     let settings = options.settings(edge.metrics());
-    let graceful = GracefulShutdown::new();
+    let connections = TaskTracker::new();
     while let Some((stream, remote)) = accept(&listener, &shutdown).await {
         let Some(slot) = admit(&options, edge.metrics(), remote) else {
             continue;
         };
-        let (tls, builder, edge, shutdown, settings) = (
+        let (tls, builders, edge, shutdown, settings) = (
             tls.clone(),
-            builder.clone(),
+            builders.clone(),
             edge.clone(),
             shutdown.clone(),
             settings.clone(),
         );
-        let watcher = graceful.watcher();
-        tokio::spawn(async move {
+        connections.spawn(async move {
             let handshake = tokio::select! {
                 () = shutdown.cancelled() => return,
                 handshake = tls.accept(stream) => handshake,
@@ -198,7 +210,7 @@ pub async fn serve_tls(
                         }
                     };
                     serve_connection(
-                        &builder, watcher, stream, slot, &settings, &edge, remote, tag,
+                        builders, shutdown, stream, slot, &settings, &edge, remote, tag,
                     )
                     .await;
                 }
@@ -207,27 +219,32 @@ pub async fn serve_tls(
         });
     }
     drop(listener);
-    drain(graceful, options.shutdown_grace).await;
+    drain(connections, options.shutdown_grace).await;
 }
 
-/// The HTTP server settings shared by every listener kind.
-fn http_builder(options: &ServerOptions) -> auto::Builder<TokioExecutor> {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    // hyper's own header timer would also cut idle keep-alive connections at the header
-    // timeout; the connection clock runs both waits instead (see `clock`).
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(None)
-        .max_buf_size(options.max_header_size.max(8192));
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .max_concurrent_streams(options.max_concurrent_streams)
-        .max_header_list_size(options.max_header_size as u32)
-        .keep_alive_interval(options.h2_keep_alive)
-        .keep_alive_timeout(options.h2_keep_alive);
-    builder
+/// The HTTP server settings shared by every connection of a listener.
+struct Builders {
+    http1: http1::Builder,
+    http2: http2::Builder<TokioExecutor>,
+}
+
+impl Builders {
+    fn new(options: &ServerOptions) -> Self {
+        let mut http1 = http1::Builder::new();
+        // hyper's own header timer would also cut idle keep-alive connections at the header
+        // timeout; the connection clock runs both waits instead (see `clock`).
+        http1
+            .header_read_timeout(None)
+            .max_buf_size(options.max_header_size.max(8192));
+        let mut http2 = http2::Builder::new(TokioExecutor::new());
+        http2
+            .timer(TokioTimer::new())
+            .max_concurrent_streams(options.max_concurrent_streams)
+            .max_header_list_size(options.max_header_size as u32)
+            .keep_alive_interval(options.h2_keep_alive)
+            .keep_alive_timeout(options.h2_keep_alive);
+        Self { http1, http2 }
+    }
 }
 
 /// The next connection, or `None` once `shutdown` is cancelled.
@@ -255,14 +272,14 @@ async fn accept(
 }
 
 /// Serves HTTP/1.1 or HTTP/2 on one connection (plain or TLS), every request through
-/// `edge`, until the client leaves, a graceful shutdown completes it, or the connection's
+/// `edge`, until the client leaves, `shutdown` completes it gracefully, or the connection's
 /// clock runs out (no head within the header timeout, or idle too long). `tag` adds what the
 /// connection knows to each request (a TLS client certificate); a plain listener passes a
 /// no-op, which compiles away.
 #[allow(clippy::too_many_arguments)]
 fn serve_connection<S, Tag>(
-    builder: &auto::Builder<TokioExecutor>,
-    watcher: Watcher,
+    builders: Arc<Builders>,
+    shutdown: CancellationToken,
     stream: S,
     slot: ConnectionSlot,
     settings: &Arc<Settings>,
@@ -271,43 +288,45 @@ fn serve_connection<S, Tag>(
     tag: Tag,
 ) -> impl Future<Output = ()> + Send + 'static
 where
-    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-    Tag: Fn(&mut Request<Incoming>) + Send + Sync + 'static,
+    S: AsyncRead + AsyncWrite + Park + Unpin + Send + 'static,
+    Tag: Fn(&mut Request<Incoming>) + Clone + Unpin + Send + Sync + 'static,
 {
     let activity = Arc::new(Activity::new(settings.clone()));
-    let io = TokioIo::new(WatchedIo::new(stream, activity.clone(), slot));
+    let io = WatchedIo::new(stream, activity.clone(), slot);
+    let upgrades = Arc::new(UpgradeSlot::default());
     let service_edge = edge.clone();
     let service_activity = activity.clone();
+    let service_upgrades = upgrades.clone();
     let service = service_fn(move |mut req: Request<Incoming>| {
         tag(&mut req);
+        if req.version() != http::Version::HTTP_2 {
+            service_upgrades.offer(&mut req);
+        }
         // Open from here until the response body ends (or the request is dropped).
         let open = service_activity.request_opened();
         let settings = service_activity.settings().clone();
         let req = req.map(|body| ReadTimeoutBody::new(body, settings));
         let call = service_edge.clone().call(req, remote);
-        async move {
+        // Boxed: hyper's `poll_without_shutdown` wants an `Unpin` future (and a pending
+        // request then costs its connection's task nothing).
+        Box::pin(async move {
             let response: Response<_> = match call.await {
                 Ok(response) => response,
                 Err(never) => match never {},
             };
             Ok::<_, std::convert::Infallible>(response.map(|body| TrackedBody::new(body, open)))
-        }
+        })
     });
-    let connection = builder
-        .serve_connection_with_upgrades(io, service)
-        .into_owned();
-    let connection = watcher.watch(connection);
-    let clock = ConnectionClock::new(activity.clone());
+    let mut connection = Connection {
+        clock: ConnectionClock::new(activity.clone()),
+        builders,
+        shutdown,
+        upgrades,
+    };
     async move {
-        tokio::select! {
-            // The connection first, so the clock sees what its last read changed.
-            biased;
-            ended = connection => {
-                if let Err(err) = ended {
-                    tracing::debug!(%remote, %err, "connection ended with an error");
-                }
-            }
-            expiry = clock => {
+        match connection.serve(io, service).await {
+            Ok(Ended::Done) => {}
+            Ok(Ended::Expired(expiry)) => {
                 let counters = &activity.settings().expired;
                 match expiry {
                     Expiry::Header => counters.header.inc(),
@@ -315,15 +334,211 @@ where
                 }
                 tracing::debug!(%remote, ?expiry, "connection closed by its timeout");
             }
+            Err(err) => tracing::debug!(%remote, %err, "connection ended with an error"),
         }
     }
 }
 
-/// Waits up to `grace` for the watched connections to finish their requests.
-async fn drain(graceful: GracefulShutdown, grace: Duration) {
+/// How a connection ended, when it did not fail.
+enum Ended {
+    /// The client left, the connection was upgraded, or a graceful shutdown completed it.
+    Done,
+    /// Its clock ran out.
+    Expired(Expiry),
+}
+
+/// What one connection's serving needs besides its stream and service.
+struct Connection {
+    clock: ConnectionClock,
+    builders: Arc<Builders>,
+    shutdown: CancellationToken,
+    upgrades: Arc<UpgradeSlot>,
+}
+
+impl Connection {
+    /// Tells HTTP/2 (its preface) from HTTP/1.1 and serves the connection in that protocol.
+    /// The connection is polled before the clock everywhere, so the clock sees what its
+    /// last read changed.
+    async fn serve<S, Svc>(
+        &mut self,
+        mut io: WatchedIo<S>,
+        service: Svc,
+    ) -> Result<Ended, Box<dyn std::error::Error + Send + Sync>>
+    where
+        S: AsyncRead + AsyncWrite + Park + Unpin + Send + 'static,
+        Svc: HttpService<Incoming, ResBody = TrackedBody<middleware::Body>> + Clone + Unpin,
+        Svc::Future: Unpin + Send + 'static,
+        Svc::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        // What hyper-util's auto server does: read until the bytes are or are not the
+        // HTTP/2 preface (24 bytes at most), then put them back in front.
+        let mut first = [0; 24];
+        let mut filled = 0;
+        let http2 = loop {
+            if let Some(http2) = io.http2() {
+                break http2;
+            }
+            tokio::select! {
+                biased;
+                read = io.read(&mut first[filled..]) => match read? {
+                    0 => return Ok(Ended::Done),
+                    n => filled += n,
+                },
+                wake = self.clock.wake(false) => return Ok(ended(wake)),
+                () = self.shutdown.cancelled() => return Ok(Ended::Done),
+            }
+        };
+        let prefix = Bytes::copy_from_slice(&first[..filled]);
+        if http2 {
+            self.serve_http2(Prefixed::new(io, prefix), service).await
+        } else {
+            self.serve_http1(io, prefix, service).await
+        }
+    }
+
+    async fn serve_http2<S, Svc>(
+        &mut self,
+        io: Prefixed<WatchedIo<S>>,
+        service: Svc,
+    ) -> Result<Ended, Box<dyn std::error::Error + Send + Sync>>
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+        Svc: HttpService<Incoming, ResBody = TrackedBody<middleware::Body>>,
+        Svc::Future: Send + 'static,
+        Svc::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        // Boxed, so that the connection's task is sized for HTTP/1.1.
+        let mut connection = Box::pin(
+            self.builders
+                .http2
+                .serve_connection(TokioIo::new(io), service),
+        );
+        let mut draining = false;
+        loop {
+            tokio::select! {
+                biased;
+                ended = connection.as_mut() => return ended.map(|()| Ended::Done).map_err(Into::into),
+                wake = self.clock.wake(false) => return Ok(ended(wake)),
+                () = self.shutdown.cancelled(), if !draining => {
+                    draining = true;
+                    connection.as_mut().graceful_shutdown();
+                }
+            }
+        }
+    }
+
+    /// Serves HTTP/1.1 with hyper, taking the stream back (with what hyper had read ahead)
+    /// whenever the connection parks, and waiting for the next request without any of
+    /// hyper's buffers.
+    async fn serve_http1<S, Svc>(
+        &mut self,
+        mut io: WatchedIo<S>,
+        mut ahead: Bytes,
+        service: Svc,
+    ) -> Result<Ended, Box<dyn std::error::Error + Send + Sync>>
+    where
+        S: AsyncRead + AsyncWrite + Park + Unpin + Send + 'static,
+        Svc: HttpService<Incoming, ResBody = TrackedBody<middleware::Body>> + Clone + Unpin,
+        Svc::Future: Unpin + Send + 'static,
+        Svc::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        loop {
+            // Boxed, so that a parked connection's task holds none of it.
+            let mut connection = Box::new(
+                self.builders
+                    .http1
+                    .serve_connection(TokioIo::new(Prefixed::new(io, ahead)), service.clone()),
+            );
+            let mut draining = self.shutdown.is_cancelled();
+            if draining {
+                Pin::new(&mut *connection).graceful_shutdown();
+            }
+            loop {
+                tokio::select! {
+                    biased;
+                    ended = std::future::poll_fn(|cx| connection.poll_without_shutdown(cx)) => {
+                        ended?;
+                        return Ok(self.finish_http1(connection.into_parts().io.into_inner()).await);
+                    }
+                    wake = self.clock.wake(!draining) => match wake {
+                        Wake::Park => break,
+                        expired => return Ok(ended(expired)),
+                    },
+                    () = self.shutdown.cancelled(), if !draining => {
+                        draining = true;
+                        Pin::new(&mut *connection).graceful_shutdown();
+                    }
+                }
+            }
+            // Idle, with every response written: nothing of hyper's is needed until the
+            // client sends again.
+            self.clock.parked();
+            (io, ahead) = take_back(connection);
+            tracing::trace!(ahead = ahead.len(), "connection parked");
+            if ahead.is_empty() {
+                tokio::select! {
+                    biased;
+                    ready = io.parked() => ready?,
+                    wake = self.clock.wake(false) => return Ok(ended(wake)),
+                    () = self.shutdown.cancelled() => return Ok(Ended::Done),
+                }
+            }
+        }
+    }
+
+    /// An HTTP/1.1 connection hyper is done with: upgraded (the stream goes to the request
+    /// that asked), or finished (its stream is shut down).
+    async fn finish_http1<S>(&self, io: Prefixed<WatchedIo<S>>) -> Ended
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        if let Err(mut io) = self.upgrades.fulfil(Box::new(io)) {
+            let _ = io.shutdown().await;
+        }
+        Ended::Done
+    }
+}
+
+/// How a connection whose clock woke it ends.
+fn ended(wake: Wake) -> Ended {
+    match wake {
+        Wake::Expired(expiry) => Ended::Expired(expiry),
+        // Only asked for where the caller parks.
+        Wake::Park => Ended::Done,
+    }
+}
+
+/// The stream of an HTTP/1.1 connection hyper is done with for now, and the bytes it had
+/// read ahead (a pipelined request). Everything of hyper's is dropped here, its read buffer
+/// included: the bytes ahead are copied out, since they share its whole allocation.
+#[allow(
+    clippy::boxed_local,
+    reason = "taking the box frees it here, not when the caller's loop body ends"
+)]
+fn take_back<S, Svc>(
+    connection: Box<http1::Connection<TokioIo<Prefixed<WatchedIo<S>>>, Svc>>,
+) -> (WatchedIo<S>, Bytes)
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+    Svc: HttpService<Incoming, ResBody = TrackedBody<middleware::Body>>,
+    Svc::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let parts = (*connection).into_parts();
+    let (io, unread) = parts.io.into_inner().into_parts();
+    let ahead = match (parts.read_buf.is_empty(), unread.is_empty()) {
+        (true, true) => Bytes::new(),
+        (false, true) => Bytes::copy_from_slice(&parts.read_buf),
+        _ => [parts.read_buf, unread].concat().into(),
+    };
+    (io, ahead)
+}
+
+/// Waits up to `grace` for the connections to finish their requests.
+async fn drain(connections: TaskTracker, grace: Duration) {
+    connections.close();
     tokio::select! {
-        _ = graceful.shutdown() => {}
-        _ = tokio::time::sleep(grace) => {
+        () = connections.wait() => {}
+        () = tokio::time::sleep(grace) => {
             tracing::warn!("shutdown grace elapsed with requests still open");
         }
     }

@@ -28,6 +28,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::metrics::TunnelMetrics;
+use crate::server::upgrade::Downstream;
 
 /// How long a tunnel may carry no byte either way before both sides are closed (default
 /// 60 s). Set per proxy with [`crate::Proxy::with_tunnel_idle_timeout`].
@@ -85,7 +86,7 @@ impl Tunnels {
     /// written the `101` downstream.
     pub(crate) fn open(
         &self,
-        downstream: OnUpgrade,
+        downstream: Downstream,
         upstream: OnUpgrade,
         metrics: TunnelMetrics,
         endpoint: Arc<EndpointInfo>,
@@ -100,13 +101,16 @@ impl Tunnels {
 
     async fn run(
         self,
-        downstream: OnUpgrade,
+        downstream: Downstream,
         upstream: OnUpgrade,
         metrics: TunnelMetrics,
         endpoint: &str,
     ) {
         // The upstream side is ready already; the downstream one once the 101 is written.
-        let handover = async { tokio::try_join!(downstream, upstream) };
+        let handover = async {
+            let upstream = async { upstream.await.map_err(io::Error::other) };
+            tokio::try_join!(downstream.resolve(), upstream)
+        };
         let (downstream, upstream) = match tokio::time::timeout(self.idle_timeout, handover).await {
             Ok(Ok(pair)) => pair,
             Ok(Err(err)) => {
@@ -122,7 +126,7 @@ impl Tunnels {
         metrics.open.inc();
         let _open = OpenTunnel(&metrics.open);
         let activity = Arc::new(Activity::new());
-        let mut downstream = Watched::new(TokioIo::new(downstream), activity.clone());
+        let mut downstream = Watched::new(downstream, activity.clone());
         let mut upstream = Watched::new(TokioIo::new(upstream), activity.clone());
         let ended = tokio::select! {
             copied = tokio::io::copy_bidirectional(&mut downstream, &mut upstream) => match copied {

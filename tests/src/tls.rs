@@ -268,6 +268,11 @@ impl TlsConnection {
         String::from_utf8_lossy(session.alpn_protocol().unwrap_or_default()).into_owned()
     }
 
+    /// The TLS stream itself, for tests that speak HTTP on it by hand.
+    pub fn into_stream(self) -> TlsStream<TcpStream> {
+        self.stream
+    }
+
     /// The negotiated TLS version.
     pub fn protocol_version(&self) -> Option<ProtocolVersion> {
         self.stream.get_ref().1.protocol_version()

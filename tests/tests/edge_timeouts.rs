@@ -331,6 +331,49 @@ async fn idle_keep_alive_connections_wait_the_idle_timeout_not_the_header_timeou
     );
 }
 
+/// After an idle pause long enough for the server to park the connection (give hyper's
+/// buffers back, see `proxy::server`), the same connection serves pipelined requests in
+/// order, a request whose head arrives in pieces, and a request with a body.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_parked_connection_serves_pipelined_split_and_body_requests() {
+    let echo = Upstream::start(|req: Request<Incoming>| async move {
+        let path = req.uri().path().to_owned();
+        let body = req.into_body().collect().await.unwrap().to_bytes();
+        Response::new(text(format!("{path}:{}", String::from_utf8_lossy(&body))))
+    })
+    .await;
+    let gw = TestGateway::start(&single("/*", &echo.target(), "")).await;
+    let mut stream = TcpStream::connect(gw.addr).await.unwrap();
+    // Longer than the server's 200 ms park each time.
+    let pause = Duration::from_millis(400);
+    for round in 0..2 {
+        tokio::time::sleep(pause).await;
+        let pipelined = format!(
+            "GET /one{round} HTTP/1.1\r\nHost: x\r\n\r\nGET /two{round} HTTP/1.1\r\nHost: x\r\n\r\n"
+        );
+        stream.write_all(pipelined.as_bytes()).await.unwrap();
+        for path in [format!("/one{round}"), format!("/two{round}")] {
+            let (head, body) = read_response(&mut stream).await;
+            assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+            assert_eq!(body, format!("{path}:"));
+        }
+    }
+    tokio::time::sleep(pause).await;
+    stream
+        .write_all(b"POST /split HTTP/1.1\r\nHo")
+        .await
+        .unwrap();
+    stream.flush().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    stream
+        .write_all(b"st: x\r\nContent-Length: 5\r\n\r\nhello")
+        .await
+        .unwrap();
+    let (head, body) = read_response(&mut stream).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert_eq!(body, "/split:hello");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idle_http2_connection_is_closed_after_the_idle_timeout() {
     let a = Upstream::named("a").await;

@@ -110,6 +110,47 @@ async fn https_is_proxied_and_metrics_and_debug_answer_as_on_plain_listeners() {
     );
 }
 
+/// An HTTPS keep-alive connection idle long enough for the server to park it (hyper's
+/// buffers given back, the TLS session kept) serves its next requests.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_https_connection_serves_again_after_idling_past_the_park() {
+    let upstream = Upstream::named("over-tls").await;
+    let ca = TestCa::new("test CA");
+    let pair = ca.issue(&["a.test"]);
+    let gw = start_https(&upstream, &[("a", &pair)], &[])
+        .await
+        .expect("starts");
+    let connection = ca
+        .client()
+        .connect(gw.tls_addr(), "a.test")
+        .await
+        .expect("tls");
+    assert_eq!(connection.alpn(), "http/1.1");
+    let mut stream = connection.into_stream();
+    for round in 0..3 {
+        if round > 0 {
+            // Longer than the server's 200 ms park.
+            tokio::time::sleep(Duration::from_millis(400)).await;
+        }
+        stream
+            .write_all(b"GET /api/again HTTP/1.1\r\nHost: a.test\r\n\r\n")
+            .await
+            .unwrap();
+        let mut response = Vec::new();
+        while !response.ends_with(b"\r\n\r\nover-tls") {
+            let mut chunk = [0; 1024];
+            let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut chunk))
+                .await
+                .expect("a response within 5 s")
+                .unwrap();
+            assert!(n > 0, "closed in round {round}: {response:?}");
+            response.extend_from_slice(&chunk[..n]);
+        }
+        assert!(response.starts_with(b"HTTP/1.1 200"), "round {round}");
+    }
+    assert_eq!(upstream.hits(), 3);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sni_picks_the_exact_san_then_the_wildcard_else_the_first_pair() {
     let upstream = Upstream::named("sni").await;

@@ -211,6 +211,49 @@ async fn open_tunnels(gw: &TestGateway) -> f64 {
     sum(&gw.metrics().await, "go_gateway_tunnels_open", &[]).unwrap_or(0.0)
 }
 
+/// An HTTP/1.1 connection idle past the server's park (it gives hyper's buffers back and
+/// waits for the socket alone) still upgrades: the server hands the socket to the tunnel
+/// itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_idle_long_enough_to_park_still_upgrades() {
+    let upstream = WsUpstream::start().await;
+    let plain = Upstream::named("plain").await;
+    let gw = TestGateway::start(&gateway(&[
+        endpoint("/ws/*", &upstream.target(), ""),
+        endpoint("/plain", &plain.target(), ""),
+    ]))
+    .await;
+    let mut stream = TcpStream::connect(gw.addr).await.unwrap();
+    stream
+        .write_all(b"GET /plain HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\nplain") {
+        let mut byte = [0; 1];
+        let n = tokio::time::timeout(WAIT, stream.read(&mut byte))
+            .await
+            .expect("the first response in time")
+            .unwrap();
+        assert_eq!(n, 1, "closed after {:?}", String::from_utf8_lossy(&head));
+        head.push(byte[0]);
+    }
+    assert!(head.starts_with(b"HTTP/1.1 200"), "{head:?}");
+    // Past the server's 200 ms park.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let request = ws_url(gw.addr, "/ws/echo").into_client_request().unwrap();
+    let (mut ws, response) =
+        tokio::time::timeout(WAIT, tokio_tungstenite::client_async(request, stream))
+            .await
+            .expect("a handshake in time")
+            .expect("a handshake on the same connection");
+    assert_eq!(response.status(), 101);
+    for i in 0..3 {
+        round_trip(&mut ws, Message::text(format!("after the park {i}"))).await;
+    }
+    assert_eq!(upstream.handshakes.load(Ordering::SeqCst), 1);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn text_messages_echo_through_the_gateway() {
     let upstream = WsUpstream::start().await;

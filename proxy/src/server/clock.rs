@@ -14,6 +14,11 @@
 //!   `idle_timeout` without a new request.
 //! - **busy**: while a request is open nothing here runs; the request-body read timeout,
 //!   the write-progress timeout and the endpoint's `timeout` bound that time.
+//!
+//! An idle HTTP/1.1 connection is also told to **park** once it has been idle for
+//! [`PARK_AFTER`] with every byte of its last response written: the server then gives
+//! hyper's buffers back and waits for the socket without them (see [`super`]). Each idle
+//! wait parks at most once.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -27,6 +32,11 @@ use futures_util::task::AtomicWaker;
 use http_body::{Body as HttpBody, Frame, SizeHint};
 use prometheus::IntCounter;
 use tokio::time::{Instant, Sleep};
+
+/// How long an HTTP/1.1 connection waits idle before it parks. Long enough that a client
+/// sending request after request never pays for re-creating hyper's connection state, short
+/// enough that idle keep-alive connections hold no buffers.
+pub(super) const PARK_AFTER: Duration = Duration::from_millis(200);
 
 /// The timeouts of one listener's connections, and where their expiries are counted.
 #[derive(Debug)]
@@ -56,6 +66,15 @@ pub(super) enum Expiry {
     Idle,
 }
 
+/// What a [`ConnectionClock`] reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Wake {
+    /// An idle HTTP/1.1 connection may give back its buffers now.
+    Park,
+    /// A wait ran out: the connection is to be closed.
+    Expired(Expiry),
+}
+
 /// Low bit of [`Activity::state`]: waiting for a request head.
 const HEAD: u64 = 0;
 /// Low bit of [`Activity::state`]: idle between requests.
@@ -79,6 +98,9 @@ pub(super) struct Activity {
     /// HTTP/1.1 response ends inside the connection's task, right before the clock is
     /// polled, so it needs no wake-up (which would cost a poll per request).
     http2: AtomicBool,
+    /// Whether the last write to the client is blocked (its bytes not all taken): a
+    /// connection in that state does not park, so nothing buffered is lost.
+    write_blocked: AtomicBool,
 }
 
 impl Activity {
@@ -91,6 +113,18 @@ impl Activity {
             state: AtomicU64::new(HEAD),
             clock: AtomicWaker::new(),
             http2: AtomicBool::new(false),
+            write_blocked: AtomicBool::new(false),
+        }
+    }
+
+    pub(super) fn write_blocked(&self) -> bool {
+        self.write_blocked.load(Ordering::Relaxed)
+    }
+
+    /// Recorded by the IO on every write's outcome; stored only when it changes.
+    pub(super) fn set_write_blocked(&self, blocked: bool) {
+        if self.write_blocked() != blocked {
+            self.write_blocked.store(blocked, Ordering::Relaxed);
         }
     }
 
@@ -138,20 +172,36 @@ impl Activity {
         }
     }
 
-    /// When the current wait runs out, and which it is; `None` while a request is open.
-    fn deadline(&self) -> Option<(Instant, Expiry)> {
+    /// When the current wait runs out, and what that means; `None` while a request is
+    /// open. With `park` (the idle wait that parked already, or [`NOT_PARKED`]), an idle
+    /// wait that has not parked yet first comes to [`Wake::Park`].
+    fn deadline(&self, park: Option<u64>) -> Option<(Instant, Wake)> {
         if self.open.load(Ordering::Acquire) > 0 {
             return None;
         }
         let state = self.state.load(Ordering::Acquire);
         let since = self.origin + Duration::from_nanos(state >> 1);
         Some(if state & 1 == HEAD {
-            (since + self.settings.header_read_timeout, Expiry::Header)
+            (
+                since + self.settings.header_read_timeout,
+                Wake::Expired(Expiry::Header),
+            )
+        } else if park.is_some_and(|parked| parked != state)
+            && PARK_AFTER < self.settings.idle_timeout
+            && !self.write_blocked()
+        {
+            (since + PARK_AFTER, Wake::Park)
         } else {
-            (since + self.settings.idle_timeout, Expiry::Idle)
+            (
+                since + self.settings.idle_timeout,
+                Wake::Expired(Expiry::Idle),
+            )
         })
     }
 }
+
+/// [`ConnectionClock::parked`] before any park: no state word has all bits set.
+const NOT_PARKED: u64 = u64::MAX;
 
 /// Keeps a connection busy while it lives (see [`Activity::request_opened`]).
 #[derive(Debug)]
@@ -169,6 +219,8 @@ impl Drop for OpenRequest {
 pub(super) struct ConnectionClock {
     activity: Arc<Activity>,
     sleep: Pin<Box<Sleep>>,
+    /// The idle wait that parked last ([`NOT_PARKED`] before the first).
+    parked: u64,
 }
 
 impl ConnectionClock {
@@ -177,7 +229,31 @@ impl ConnectionClock {
         Self {
             activity,
             sleep: Box::pin(tokio::time::sleep_until(first)),
+            parked: NOT_PARKED,
         }
+    }
+
+    /// Ready when the current wait runs out or, with `park`, when an idle connection may
+    /// park (see [`PARK_AFTER`]).
+    pub(super) fn poll_wake(&mut self, cx: &mut Context<'_>, park: bool) -> Poll<Wake> {
+        self.activity.clock.register(cx.waker());
+        let Some((deadline, wake)) = self.activity.deadline(park.then_some(self.parked)) else {
+            return Poll::Pending;
+        };
+        if self.sleep.deadline() != deadline {
+            self.sleep.as_mut().reset(deadline);
+        }
+        self.sleep.as_mut().poll(cx).map(|()| wake)
+    }
+
+    /// [`Self::poll_wake`] as a future.
+    pub(super) async fn wake(&mut self, park: bool) -> Wake {
+        std::future::poll_fn(|cx| self.poll_wake(cx, park)).await
+    }
+
+    /// The connection parked in its current idle wait: that wait does not park again.
+    pub(super) fn parked(&mut self) {
+        self.parked = self.activity.state.load(Ordering::Acquire);
     }
 }
 
@@ -185,14 +261,11 @@ impl Future for ConnectionClock {
     type Output = Expiry;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Expiry> {
-        self.activity.clock.register(cx.waker());
-        let Some((deadline, expiry)) = self.activity.deadline() else {
-            return Poll::Pending;
-        };
-        if self.sleep.deadline() != deadline {
-            self.sleep.as_mut().reset(deadline);
+        match self.poll_wake(cx, false) {
+            Poll::Ready(Wake::Expired(expiry)) => Poll::Ready(expiry),
+            // Not asked for: only `poll_wake(.., true)` parks.
+            Poll::Ready(Wake::Park) | Poll::Pending => Poll::Pending,
         }
-        self.sleep.as_mut().poll(cx).map(|()| expiry)
     }
 }
 
@@ -285,6 +358,30 @@ mod tests {
         let head = Instant::now();
         assert_eq!(ConnectionClock::new(activity).await, Expiry::Header);
         assert_eq!(head.elapsed(), Duration::from_secs(10));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_idle_connection_parks_once_per_idle_wait_and_never_with_a_write_blocked() {
+        let activity = Arc::new(Activity::new(settings()));
+        let mut clock = ConnectionClock::new(activity.clone());
+        drop(activity.request_opened());
+        let idle = Instant::now();
+        assert_eq!(clock.wake(true).await, Wake::Park);
+        assert_eq!(idle.elapsed(), PARK_AFTER);
+        clock.parked();
+        // The same idle wait runs on to its timeout without parking again.
+        assert_eq!(clock.wake(true).await, Wake::Expired(Expiry::Idle));
+        assert_eq!(idle.elapsed(), Duration::from_secs(60));
+
+        // The next idle wait parks again, unless the last write is still blocked.
+        let activity = Arc::new(Activity::new(settings()));
+        let mut clock = ConnectionClock::new(activity.clone());
+        clock.parked();
+        drop(activity.request_opened());
+        activity.set_write_blocked(true);
+        let idle = Instant::now();
+        assert_eq!(clock.wake(true).await, Wake::Expired(Expiry::Idle));
+        assert_eq!(idle.elapsed(), Duration::from_secs(60));
     }
 
     #[tokio::test(start_paused = true)]
