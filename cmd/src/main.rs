@@ -101,7 +101,14 @@ fn dump_heap_profile() -> Result<Vec<u8>, String> {
 fn init_logging() -> tracing_appender::non_blocking::WorkerGuard {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let (writer, guard) = tracing_appender::non_blocking(std::io::stderr());
+    // 16,384 pending lines (a third of a second of access lines at 50k req/s) instead of the
+    // default 128,000: the queue's slots are written when it is made, so the default held
+    // 4 MiB resident from the start (jemalloc heap profile), a fifth of the idle RSS.
+    // Beyond the limit lines are dropped (and counted by tracing-appender), never waited on.
+    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .buffered_lines_limit(16_384)
+        .lossy(true)
+        .finish(std::io::stderr());
     let json = std::env::var("GATEWAY_LOG_FORMAT").is_ok_and(|f| f == "json");
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr())
         && std::env::var_os("NO_COLOR").is_none();
