@@ -181,7 +181,7 @@ pub(crate) fn strip_present(headers: &mut HeaderMap, present: HopByHop, keep_te_
         && headers
             .get(TE)
             .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
-    if present & (1 << CONNECTION_INDEX) != 0 {
+    if present & (1 << CONNECTION_INDEX) != 0 && !names_nothing(headers) {
         // `Connection: keep-alive` (or `close`, `upgrade`) names nothing else to remove: the
         // common case costs no allocation.
         let listed = || {
@@ -218,6 +218,20 @@ pub(crate) fn strip_present(headers: &mut HeaderMap, present: HopByHop, keep_te_
     }
 }
 
+/// Whether the message has exactly one `Connection` value and it is `keep-alive` or
+/// `close`, what nearly every upstream sends: it names no header to remove, and checking
+/// that directly skips the token scan (about 0.4k instructions per response).
+fn names_nothing(headers: &HeaderMap) -> bool {
+    let mut values = headers.get_all(CONNECTION).iter();
+    match (values.next(), values.next()) {
+        (Some(value), None) => {
+            let value = value.as_bytes();
+            value.eq_ignore_ascii_case(b"keep-alive") || value.eq_ignore_ascii_case(b"close")
+        }
+        _ => false,
+    }
+}
+
 const CONNECTION_INDEX: usize = 0;
 const TE_INDEX: usize = 5;
 const UPGRADE_INDEX: usize = 8;
@@ -240,8 +254,10 @@ fn hop_by_hop_index(name: &HeaderName) -> Option<usize> {
 /// Appends the peer's address to `X-Forwarded-For` (one combined header).
 pub(crate) fn append_forwarded_for(headers: &mut HeaderMap, peer: IpAddr) {
     static XFF: HeaderName = HeaderName::from_static("x-forwarded-for");
-    if !headers.contains_key(&XFF) {
-        headers.insert(&XFF, cached_ip_value(peer));
+    // One hash of the name in the common case (no header yet): an entry, not a lookup
+    // followed by an insert.
+    if let http::header::Entry::Vacant(slot) = headers.entry(&XFF) {
+        slot.insert(cached_ip_value(peer));
         return;
     }
     let peer = peer.to_string();

@@ -24,7 +24,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -240,10 +240,20 @@ impl ConnectionClock {
         let Some((deadline, wake)) = self.activity.deadline(park.then_some(self.parked)) else {
             return Poll::Pending;
         };
-        if self.sleep.deadline() != deadline {
+        // The timer is moved earlier at once but never later: a later deadline is set when
+        // the earlier one fires. A connection serving request after request moves its
+        // deadline at every request; not re-arming the timer each time saves about 0.1k
+        // instructions per request (callgrind, tests/bench).
+        if deadline < self.sleep.deadline() {
             self.sleep.as_mut().reset(deadline);
         }
-        self.sleep.as_mut().poll(cx).map(|()| wake)
+        loop {
+            ready!(self.sleep.as_mut().poll(cx));
+            if self.sleep.deadline() >= deadline {
+                return Poll::Ready(wake);
+            }
+            self.sleep.as_mut().reset(deadline);
+        }
     }
 
     /// [`Self::poll_wake`] as a future.
