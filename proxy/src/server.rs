@@ -458,7 +458,10 @@ impl Connection {
                     biased;
                     ended = std::future::poll_fn(|cx| connection.poll_without_shutdown(cx)) => {
                         ended?;
-                        return Ok(self.finish_http1(connection.into_parts().io.into_inner()).await);
+                        // After an upgrade, what hyper read past the request head is the
+                        // client's first bytes of the new protocol.
+                        let (io, ahead) = take_back(connection);
+                        return Ok(self.finish_http1(Prefixed::new(io, ahead)).await);
                     }
                     wake = self.clock.wake(!draining) => match wake {
                         Wake::Park => break,

@@ -254,6 +254,38 @@ async fn a_connection_idle_long_enough_to_park_still_upgrades() {
     assert_eq!(upstream.handshakes.load(Ordering::SeqCst), 1);
 }
 
+/// A client may send its first WebSocket frame right behind the upgrade request, before
+/// the `101` comes back: those bytes reach the upstream first thing in the tunnel.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frame_sent_with_the_upgrade_request_reaches_the_upstream() {
+    let upstream = WsUpstream::start().await;
+    let gw = TestGateway::start(&single("/ws/*", &upstream.target(), "")).await;
+    let mut stream = TcpStream::connect(gw.addr).await.unwrap();
+    let mut bytes =
+        b"GET /ws/echo HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+        Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+            .to_vec();
+    // A masked text frame "early" (RFC 6455 §5.2), in the same write as the request.
+    let mask = [1u8, 2, 3, 4];
+    bytes.extend_from_slice(&[0x81, 0x80 | 5]);
+    bytes.extend_from_slice(&mask);
+    bytes.extend(b"early".iter().zip(mask.iter().cycle()).map(|(b, m)| b ^ m));
+    stream.write_all(&bytes).await.unwrap();
+    // The 101 head, then the echo as an unmasked text frame.
+    let mut received = Vec::new();
+    let echo = [&[0x81u8, 5][..], b"early"].concat();
+    while !received.windows(echo.len()).any(|w| w == echo.as_slice()) {
+        let mut chunk = [0; 1024];
+        let n = tokio::time::timeout(WAIT, stream.read(&mut chunk))
+            .await
+            .expect("the echo in time")
+            .unwrap();
+        assert!(n > 0, "closed: {:?}", String::from_utf8_lossy(&received));
+        received.extend_from_slice(&chunk[..n]);
+    }
+    assert!(received.starts_with(b"HTTP/1.1 101"), "{received:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn text_messages_echo_through_the_gateway() {
     let upstream = WsUpstream::start().await;
