@@ -339,6 +339,37 @@ where
     }
 }
 
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// A downstream stream the server can serve: TCP, or TLS over TCP.
+trait Stream: AsyncRead + AsyncWrite + Park + Unpin + Send + 'static {}
+
+impl<S: AsyncRead + AsyncWrite + Park + Unpin + Send + 'static> Stream for S {}
+
+/// The service of a connection: the edge behind hyper's `service_fn`, cloned into every
+/// hyper connection an HTTP/1.1 connection goes through, its future boxed (`Unpin`).
+trait EdgeService:
+    HttpService<
+        Incoming,
+        ResBody = TrackedBody<middleware::Body>,
+        Future: Unpin + Send + 'static,
+        Error: Into<BoxError>,
+    > + Clone
+    + Unpin
+{
+}
+
+impl<T> EdgeService for T where
+    T: HttpService<
+            Incoming,
+            ResBody = TrackedBody<middleware::Body>,
+            Future: Unpin + Send + 'static,
+            Error: Into<BoxError>,
+        > + Clone
+        + Unpin
+{
+}
+
 /// How a connection ended, when it did not fail.
 enum Ended {
     /// The client left, the connection was upgraded, or a graceful shutdown completed it.
@@ -359,17 +390,11 @@ impl Connection {
     /// Tells HTTP/2 (its preface) from HTTP/1.1 and serves the connection in that protocol.
     /// The connection is polled before the clock everywhere, so the clock sees what its
     /// last read changed.
-    async fn serve<S, Svc>(
+    async fn serve<S: Stream, Svc: EdgeService>(
         &mut self,
         mut io: WatchedIo<S>,
         service: Svc,
-    ) -> Result<Ended, Box<dyn std::error::Error + Send + Sync>>
-    where
-        S: AsyncRead + AsyncWrite + Park + Unpin + Send + 'static,
-        Svc: HttpService<Incoming, ResBody = TrackedBody<middleware::Body>> + Clone + Unpin,
-        Svc::Future: Unpin + Send + 'static,
-        Svc::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-    {
+    ) -> Result<Ended, BoxError> {
         // What hyper-util's auto server does: read until the bytes are or are not the
         // HTTP/2 preface (24 bytes at most), then put them back in front.
         let mut first = [0; 24];
@@ -396,17 +421,11 @@ impl Connection {
         }
     }
 
-    async fn serve_http2<S, Svc>(
+    async fn serve_http2<S: Stream, Svc: EdgeService>(
         &mut self,
         io: Prefixed<WatchedIo<S>>,
         service: Svc,
-    ) -> Result<Ended, Box<dyn std::error::Error + Send + Sync>>
-    where
-        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-        Svc: HttpService<Incoming, ResBody = TrackedBody<middleware::Body>>,
-        Svc::Future: Send + 'static,
-        Svc::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-    {
+    ) -> Result<Ended, BoxError> {
         // Boxed, so that the connection's task is sized for HTTP/1.1.
         let mut connection = Box::pin(
             self.builders
@@ -430,18 +449,12 @@ impl Connection {
     /// Serves HTTP/1.1 with hyper, taking the stream back (with what hyper had read ahead)
     /// whenever the connection parks, and waiting for the next request without any of
     /// hyper's buffers.
-    async fn serve_http1<S, Svc>(
+    async fn serve_http1<S: Stream, Svc: EdgeService>(
         &mut self,
         mut io: WatchedIo<S>,
         mut ahead: Bytes,
         service: Svc,
-    ) -> Result<Ended, Box<dyn std::error::Error + Send + Sync>>
-    where
-        S: AsyncRead + AsyncWrite + Park + Unpin + Send + 'static,
-        Svc: HttpService<Incoming, ResBody = TrackedBody<middleware::Body>> + Clone + Unpin,
-        Svc::Future: Unpin + Send + 'static,
-        Svc::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-    {
+    ) -> Result<Ended, BoxError> {
         loop {
             // Boxed, so that a parked connection's task holds none of it.
             let mut connection = Box::new(
@@ -491,10 +504,7 @@ impl Connection {
 
     /// An HTTP/1.1 connection hyper is done with: upgraded (the stream goes to the request
     /// that asked), or finished (its stream is shut down).
-    async fn finish_http1<S>(&self, io: Prefixed<WatchedIo<S>>) -> Ended
-    where
-        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-    {
+    async fn finish_http1<S: Stream>(&self, io: Prefixed<WatchedIo<S>>) -> Ended {
         if let Err(mut io) = self.upgrades.fulfil(Box::new(io)) {
             let _ = io.shutdown().await;
         }
@@ -518,14 +528,9 @@ fn ended(wake: Wake) -> Ended {
     clippy::boxed_local,
     reason = "taking the box frees it here, not when the caller's loop body ends"
 )]
-fn take_back<S, Svc>(
+fn take_back<S: Stream, Svc: EdgeService>(
     connection: Box<http1::Connection<TokioIo<Prefixed<WatchedIo<S>>>, Svc>>,
-) -> (WatchedIo<S>, Bytes)
-where
-    S: AsyncRead + AsyncWrite + Unpin,
-    Svc: HttpService<Incoming, ResBody = TrackedBody<middleware::Body>>,
-    Svc::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-{
+) -> (WatchedIo<S>, Bytes) {
     let parts = (*connection).into_parts();
     let (io, unread) = parts.io.into_inner().into_parts();
     let ahead = match (parts.read_buf.is_empty(), unread.is_empty()) {
