@@ -1,13 +1,14 @@
 //! Tunnels for HTTP/1.1 upgrades (WebSocket and any other protocol).
 //!
 //! Once the upstream has answered `101 Switching Protocols` and the answer is on its way
-//! downstream, hyper hands over both connections and a spawned task copies bytes both ways
-//! (`tokio::io::copy_bidirectional`: each direction waits for the other side to take what it
-//! has, so a slow reader slows its writer down). The tunnel ends when both directions have
-//! ended, when it has been idle for [`DEFAULT_TUNNEL_IDLE_TIMEOUT`] (or the proxy's setting),
-//! when one side has closed and the other has sent nothing for [`HALF_CLOSED_LINGER`], or
-//! when the proxy closes its tunnels; then both connections are shut down and dropped, so
-//! nothing is left half open.
+//! downstream, both connections are handed over (the client's by `crate::server` once the
+//! `101` is written, see `server::upgrade`; the upstream's by hyper) and a spawned task
+//! copies bytes both ways (`tokio::io::copy_bidirectional`: each direction waits for the
+//! other side to take what it has, so a slow reader slows its writer down). The tunnel ends
+//! when both directions have ended, when it has been idle for [`DEFAULT_TUNNEL_IDLE_TIMEOUT`]
+//! (or the proxy's setting), when one side has closed and the other has sent nothing for
+//! [`HALF_CLOSED_LINGER`], or when the proxy closes its tunnels; then both connections are
+//! shut down and dropped, so nothing is left half open.
 //!
 //! A tunnel belongs to no router: a config reload, and the old router's close, do not cut
 //! it.
