@@ -3,17 +3,17 @@
 //! the per-connection serving, so a request is served the same way on either.
 //!
 //! No wait is unbounded: a connection has `header_read_timeout` to send a request head (the
-//! HTTP/2 preface included, see [`clock`]), `idle_timeout` between requests, a request body
+//! HTTP/2 preface included, see `clock`), `idle_timeout` between requests, a request body
 //! may pause for at most `read_timeout`, a write may make no progress for at most
 //! `write_timeout`, and at most `max_connections` connections are open at once.
 //!
 //! An idle HTTP/1.1 connection holds no buffers: hyper keeps a read buffer and a write
 //! buffer per connection for its whole life (24 KiB here, never shrunk), so once a
-//! connection has been idle for [`clock::PARK_AFTER`] with its last response written, the
+//! connection has been idle for `clock::PARK_AFTER` with its last response written, the
 //! server takes the stream back from hyper (`poll_without_shutdown`, `into_parts`, with any
 //! bytes hyper had read ahead), waits for the socket to become readable, and serves the next
 //! request with a new hyper connection. A parked connection costs its socket, its clock and
-//! a small task. Driving hyper this way leaves upgrades to the server (see [`upgrade`]).
+//! a small task. Driving hyper this way leaves upgrades to the server (see `upgrade`).
 
 mod clock;
 mod io;
