@@ -57,33 +57,7 @@ async fn closed_within(stream: &mut TcpStream, limit: Duration) -> Duration {
 
 /// Reads one HTTP/1.1 response with a `content-length` from `stream`: `(head, body)`.
 async fn read_response(stream: &mut TcpStream) -> (String, String) {
-    let mut data = Vec::new();
-    let mut buf = [0u8; 4096];
-    let exchange = async {
-        loop {
-            if let Some(end) = data.windows(4).position(|w| w == b"\r\n\r\n") {
-                let head = String::from_utf8_lossy(&data[..end]).into_owned();
-                let length: usize = head
-                    .lines()
-                    .find_map(|line| {
-                        let (name, value) = line.split_once(':')?;
-                        name.eq_ignore_ascii_case("content-length")
-                            .then(|| value.trim().parse().ok())?
-                    })
-                    .unwrap_or(0);
-                if data.len() >= end + 4 + length {
-                    let body = String::from_utf8_lossy(&data[end + 4..end + 4 + length]);
-                    return (head, body.into_owned());
-                }
-            }
-            let n = stream.read(&mut buf).await.expect("read the response");
-            assert!(n > 0, "connection closed mid-response: {data:?}");
-            data.extend_from_slice(&buf[..n]);
-        }
-    };
-    tokio::time::timeout(PATIENCE, exchange)
-        .await
-        .expect("a response within 5 s")
+    read_responses(stream, 1).await.remove(0)
 }
 
 /// Reads `count` pipelined HTTP/1.1 responses, each with a `content-length`, from
