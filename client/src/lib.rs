@@ -1,5 +1,6 @@
 //! The innermost RoundTripper: picks a node with the endpoint's selector and sends the
-//! request over a pooled hyper-util client.
+//! request over that node's connection pool (the own HTTP/1.1 exchange of `h1` for
+//! requests without a body, hyper's `client::conn` for the rest and for HTTP/2).
 //!
 //! - [`Factory`] builds one [`Client`] per endpoint. Connection pools are shared by every
 //!   client the factory builds (one for HTTP/1.1, one for h2c), so a config reload keeps
@@ -11,6 +12,7 @@ mod applier;
 mod body;
 mod error;
 mod factory;
+mod h1;
 mod pool;
 mod tls;
 mod watcher;

@@ -11,7 +11,13 @@
 //! in the node's `TransportCache`), and a request pops a ready sender from a short `Vec`.
 //!
 //! # What a pool does
-//! - HTTP/1.1: idle connections in a LIFO list (the warmest first); a sender whose
+//! - HTTP/1.1 requests without a body (and not upgrades) go through the gateway's own
+//!   exchange ([`crate::h1`]) on connections of their own list: LIFO, the warmest first; a
+//!   connection goes back when its response body has been read to the end. A GET or
+//!   another idempotent request that finds its reused connection closed by the node before
+//!   any byte of a response is sent again on a new connection; other methods first check
+//!   that the idle connection is still open.
+//! - Other HTTP/1.1 requests: hyper's connections, idle in a LIFO list; a sender whose
 //!   connection closed, or that is not yet ready for another request, is passed over. The
 //!   sender goes back to the list when the response body has been read to its end
 //!   ([`Lease`]); a body dropped early closes the connection (hyper cannot reuse it). A
@@ -36,8 +42,9 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
+use http::header::{TRANSFER_ENCODING, UPGRADE};
 use http::uri::{Authority, Scheme};
-use http::{Request, Response};
+use http::{Method, Request, Response};
 use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -48,7 +55,9 @@ use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
 
+use crate::body::UpstreamBody;
 use crate::error::Error;
+use crate::h1;
 
 /// How upstream connections are made: plain or TLS settings, HTTP/1.1 or HTTP/2. A factory
 /// has one for HTTP/1.1 and one for HTTP/2, and an endpoint with its own `tlsConfigName`
@@ -151,7 +160,7 @@ impl Pools {
     }
 
     #[cfg(test)]
-    fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         lock(&self.map).len()
     }
 }
@@ -167,6 +176,11 @@ struct IdleConn {
     since: Instant,
 }
 
+struct IdleRaw {
+    conn: h1::Conn,
+    since: Instant,
+}
+
 /// The connections to one node through one transport.
 pub(crate) struct NodePool {
     /// `host:port` as configured (dialed through the resolver when it is not an IP).
@@ -179,6 +193,7 @@ pub(crate) struct NodePool {
     transport: Arc<Transport>,
     settings: PoolSettings,
     idle: Mutex<Vec<IdleConn>>,
+    idle_raw: Mutex<Vec<IdleRaw>>,
     shared_h2: Mutex<Option<http2::SendRequest<Body>>>,
 }
 
@@ -210,6 +225,7 @@ impl NodePool {
             transport,
             settings,
             idle: Mutex::new(Vec::new()),
+            idle_raw: Mutex::new(Vec::new()),
             shared_h2: Mutex::new(None),
         })
     }
@@ -225,13 +241,16 @@ impl NodePool {
     pub(crate) async fn send(
         self: &Arc<Self>,
         mut req: Request<Body>,
-    ) -> Result<(Response<Incoming>, Option<Lease>), Error> {
+    ) -> Result<(Response<UpstreamBody>, Option<Lease>), Error> {
         // The dialing futures (TCP, TLS, handshake) are boxed: inline, they would make every
         // request's future several KiB larger, copied on each move.
         if self.transport.h2 {
             return Box::pin(self.send_h2(req))
                 .await
-                .map(|response| (response, None));
+                .map(|response| (response.map(UpstreamBody::Hyper), None));
+        }
+        if own_exchange(&req) {
+            return self.send_raw(req).await.map(|response| (response, None));
         }
         loop {
             let (mut sender, reused) = match self.take_idle() {
@@ -244,7 +263,7 @@ impl NodePool {
                         pool: self.clone(),
                         sender,
                     };
-                    return Ok((response, Some(lease)));
+                    return Ok((response.map(UpstreamBody::Hyper), Some(lease)));
                 }
                 Err(mut refused) => match refused.take_message() {
                     // Never written: the pooled connection closed while idle. Try again.
@@ -253,6 +272,57 @@ impl NodePool {
                 },
             }
         }
+    }
+
+    /// A request without a body through the gateway's own exchange.
+    async fn send_raw(
+        self: &Arc<Self>,
+        req: Request<Body>,
+    ) -> Result<Response<UpstreamBody>, Error> {
+        let (head, _empty) = req.into_parts();
+        let idempotent = matches!(
+            head.method,
+            Method::GET
+                | Method::HEAD
+                | Method::OPTIONS
+                | Method::TRACE
+                | Method::PUT
+                | Method::DELETE
+        );
+        loop {
+            let (conn, reused) = match self.take_raw(!idempotent) {
+                Some(conn) => (conn, true),
+                None => (h1::Conn::new(Box::pin(self.connect()).await?), false),
+            };
+            match conn.exchange(&head, self.settings.max_buf_size).await {
+                Ok((response, framing, conn)) => {
+                    let home: Arc<dyn h1::Release> = self.clone();
+                    let body = h1::RawBody::new(conn, framing, home);
+                    return Ok(response.map(|()| UpstreamBody::Raw(body)));
+                }
+                Err(h1::Failure::Closed(_)) if reused && idempotent => {}
+                Err(h1::Failure::Closed(error)) => return Err(self.upstream_error(error)),
+                Err(h1::Failure::Broken(error)) => return Err(self.upstream_error(error)),
+                Err(h1::Failure::HeadTooLarge) => {
+                    return Err(Error::ResponseHeadTooLarge {
+                        address: self.address.clone(),
+                        limit: self.settings.max_buf_size,
+                    });
+                }
+            }
+        }
+    }
+
+    /// The most recently used idle connection of the own exchange; with `check`, only one
+    /// that is still open.
+    fn take_raw(&self, check: bool) -> Option<h1::Conn> {
+        let mut idle = lock(&self.idle_raw);
+        while let Some(mut idle_conn) = idle.pop() {
+            if !check || idle_conn.conn.is_open() {
+                return Some(idle_conn.conn);
+            }
+        }
+        None
     }
 
     async fn send_h2(&self, req: Request<Body>) -> Result<Response<Incoming>, Error> {
@@ -285,6 +355,10 @@ impl NodePool {
     }
 
     fn upstream(&self, source: hyper::Error) -> Error {
+        self.upstream_error(source)
+    }
+
+    fn upstream_error(&self, source: impl Into<BoxError>) -> Error {
         Error::Upstream {
             address: self.address.clone(),
             source: source.into(),
@@ -327,10 +401,16 @@ impl NodePool {
         });
     }
 
+    #[cfg(test)]
+    pub(crate) fn idle_raw_len(&self) -> usize {
+        lock(&self.idle_raw).len()
+    }
+
     /// Nobody but the factory holds it and it has no connection to keep.
     fn forgettable(self: &Arc<Self>) -> bool {
         Arc::strong_count(self) == 1
             && lock(&self.idle).is_empty()
+            && lock(&self.idle_raw).is_empty()
             && lock(&self.shared_h2).is_none()
     }
 
@@ -339,6 +419,8 @@ impl NodePool {
     fn sweep(&self, unused: bool) {
         let timeout = self.settings.idle_timeout;
         lock(&self.idle).retain(|conn| !conn.sender.is_closed() && conn.since.elapsed() < timeout);
+        lock(&self.idle_raw)
+            .retain_mut(|idle| idle.since.elapsed() < timeout && idle.conn.is_open());
         let mut h2 = lock(&self.shared_h2);
         if unused || h2.as_ref().is_some_and(http2::SendRequest::is_closed) {
             *h2 = None;
@@ -426,8 +508,33 @@ impl Lease {
     }
 }
 
+impl h1::Release for NodePool {
+    fn release(&self, conn: h1::Conn) {
+        if self.settings.max_idle == 0 {
+            return;
+        }
+        let mut idle = lock(&self.idle_raw);
+        if idle.len() >= self.settings.max_idle {
+            idle.remove(0);
+        }
+        idle.push(IdleRaw {
+            conn,
+            since: Instant::now(),
+        });
+    }
+}
+
+/// Whether `req` goes through the gateway's own exchange: HTTP/1.1 without a body and
+/// without an upgrade (hyper hands upgraded connections over; [`crate::h1`] does not).
+fn own_exchange(req: &Request<Body>) -> bool {
+    http_body::Body::is_end_stream(req.body())
+        && req.method() != Method::CONNECT
+        && !req.headers().contains_key(UPGRADE)
+        && !req.headers().contains_key(TRANSFER_ENCODING)
+}
+
 /// A plain or TLS upstream connection.
-enum Stream {
+pub(crate) enum Stream {
     Plain(TcpStream),
     Tls(Box<TlsStream<TcpStream>>),
 }
@@ -556,17 +663,14 @@ mod tests {
             .body(body)
             .unwrap();
         let (response, lease) = pool.send(request).await.unwrap();
+        assert!(lease.is_none(), "a GET goes through the own exchange");
         let body = response.into_body().collect().await.unwrap().to_bytes();
         assert_eq!(body, "ok");
-        lease.expect("HTTP/1.1 lends its connection").release();
-        // hyper marks the connection ready again from its own task.
-        for _ in 0..1_000 {
-            if lock(&pool.idle).iter().any(|conn| conn.sender.is_ready()) {
-                return;
-            }
-            tokio::task::yield_now().await;
-        }
-        panic!("the connection never became ready again");
+        assert_eq!(
+            lock(&pool.idle_raw).len(),
+            1,
+            "the connection is back in the pool once its body was read"
+        );
     }
 
     #[tokio::test]
