@@ -98,7 +98,9 @@ impl Edge {
         if let Some(debug) = &self.debug
             && debug::DebugMux::matches(req.uri().path())
         {
-            let response = debug.handle(req, remote).await;
+            // Boxed: the debug views' state (a profile being taken) would otherwise make
+            // every proxied request's future larger, and it is copied when it moves.
+            let response = Box::pin(debug.handle(req, remote)).await;
             return Ok(
                 response.map(|body| middleware::full_body(body.into_inner().unwrap_or_default()))
             );

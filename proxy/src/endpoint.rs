@@ -294,17 +294,17 @@ impl EndpointHandler {
             match &self.tripper {
                 Some(tripper) => {
                     request.extensions_mut().insert(record.options.clone());
-                    let call = round_trip(tripper.clone(), request);
+                    let call = std::pin::pin!(round_trip(tripper.clone(), request));
                     within(self.retry.per_try_timeout, call)
                         .await
                         .and_then(|result| result.map_err(ProxyError::from_round_trip))
                 }
-                None => within(
-                    self.retry.per_try_timeout,
-                    self.client.send(request, &record.options),
-                )
-                .await
-                .and_then(|result| result.map_err(ProxyError::from_client)),
+                None => {
+                    let send = std::pin::pin!(self.client.send(request, &record.options));
+                    within(self.retry.per_try_timeout, send)
+                        .await
+                        .and_then(|result| result.map_err(ProxyError::from_client))
+                }
             }
         };
         let outcome = tokio::time::timeout(self.timeout, attempt)
@@ -409,19 +409,21 @@ impl EndpointHandler {
             };
             let mut request = head.request(body, headers, attempt >= attempts);
             let result = match &self.tripper {
+                // Pinned where they are built, as the retry loop is: `within` and its
+                // timeout then move a pointer, not the attempt's whole state.
                 Some(tripper) => {
                     request.extensions_mut().insert(options.clone());
-                    let call = round_trip(tripper.clone(), request);
+                    let call = std::pin::pin!(round_trip(tripper.clone(), request));
                     within(self.retry.per_try_timeout, call)
                         .await
                         .and_then(|result| result.map_err(ProxyError::from_round_trip))
                 }
-                None => within(
-                    self.retry.per_try_timeout,
-                    self.client.send(request, options),
-                )
-                .await
-                .and_then(|result| result.map_err(ProxyError::from_client)),
+                None => {
+                    let send = std::pin::pin!(self.client.send(request, options));
+                    within(self.retry.per_try_timeout, send)
+                        .await
+                        .and_then(|result| result.map_err(ProxyError::from_client))
+                }
             };
             let last = attempt >= attempts;
             if !last
