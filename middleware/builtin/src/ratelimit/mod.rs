@@ -115,6 +115,8 @@ pub struct Limiter {
     buckets: Buckets,
     epoch: Instant,
     headers: bool,
+    /// `RateLimit-Limit`, the same on every response: made once (a clone shares it).
+    limit_value: HeaderValue,
     denied: Denied,
     shared: Option<Shared>,
     unavailable: Denied,
@@ -186,6 +188,7 @@ impl Limiter {
             buckets,
             epoch: Instant::now(),
             headers: options.headers,
+            limit_value: HeaderValue::from(burst),
             denied: Denied::default(),
             shared: None,
             unavailable: Denied::default(),
@@ -256,7 +259,7 @@ impl Limiter {
         static LIMIT: HeaderName = HeaderName::from_static("ratelimit-limit");
         static REMAINING: HeaderName = HeaderName::from_static("ratelimit-remaining");
         static RESET: HeaderName = HeaderName::from_static("ratelimit-reset");
-        headers.insert(&LIMIT, HeaderValue::from(self.quota.burst()));
+        headers.insert(&LIMIT, self.limit_value.clone());
         headers.insert(&REMAINING, HeaderValue::from(decision.remaining));
         headers.insert(&RESET, HeaderValue::from(ceil_secs(decision.reset)));
     }
