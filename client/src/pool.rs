@@ -171,14 +171,26 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
         .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-struct IdleConn {
-    sender: http1::SendRequest<Body>,
+/// A connection waiting in a pool, and since when.
+struct Idle<C> {
+    conn: C,
     since: Instant,
 }
 
-struct IdleRaw {
-    conn: h1::Conn,
-    since: Instant,
+/// Pushes `conn` on top of `list` (the warmest is taken first), dropping the coldest when
+/// `max` are already waiting; nothing is kept with `max` 0.
+fn push_idle<C>(list: &Mutex<Vec<Idle<C>>>, max: usize, conn: C) {
+    if max == 0 {
+        return;
+    }
+    let mut idle = lock(list);
+    if idle.len() >= max {
+        idle.remove(0);
+    }
+    idle.push(Idle {
+        conn,
+        since: Instant::now(),
+    });
 }
 
 /// The connections to one node through one transport.
@@ -192,8 +204,8 @@ pub(crate) struct NodePool {
     server_name: Option<ServerName<'static>>,
     transport: Arc<Transport>,
     settings: PoolSettings,
-    idle: Mutex<Vec<IdleConn>>,
-    idle_raw: Mutex<Vec<IdleRaw>>,
+    idle: Mutex<Vec<Idle<http1::SendRequest<Body>>>>,
+    idle_raw: Mutex<Vec<Idle<h1::Conn>>>,
     shared_h2: Mutex<Option<http2::SendRequest<Body>>>,
 }
 
@@ -378,27 +390,19 @@ impl NodePool {
         let mut i = idle.len();
         while i > 0 {
             i -= 1;
-            if idle[i].sender.is_closed() {
+            if idle[i].conn.is_closed() {
                 idle.remove(i);
-            } else if idle[i].sender.is_ready() {
-                return Some(idle.remove(i).sender);
+            } else if idle[i].conn.is_ready() {
+                return Some(idle.remove(i).conn);
             }
         }
         None
     }
 
     fn put_idle(&self, sender: http1::SendRequest<Body>) {
-        if sender.is_closed() || self.settings.max_idle == 0 {
-            return;
+        if !sender.is_closed() {
+            push_idle(&self.idle, self.settings.max_idle, sender);
         }
-        let mut idle = lock(&self.idle);
-        if idle.len() >= self.settings.max_idle {
-            idle.remove(0);
-        }
-        idle.push(IdleConn {
-            sender,
-            since: Instant::now(),
-        });
     }
 
     #[cfg(test)]
@@ -418,7 +422,7 @@ impl NodePool {
     /// closes the HTTP/2 connection of a pool no node uses any more.
     fn sweep(&self, unused: bool) {
         let timeout = self.settings.idle_timeout;
-        lock(&self.idle).retain(|conn| !conn.sender.is_closed() && conn.since.elapsed() < timeout);
+        lock(&self.idle).retain(|idle| !idle.conn.is_closed() && idle.since.elapsed() < timeout);
         lock(&self.idle_raw)
             .retain_mut(|idle| idle.since.elapsed() < timeout && idle.conn.is_open());
         let mut h2 = lock(&self.shared_h2);
@@ -510,17 +514,7 @@ impl Lease {
 
 impl h1::Release for NodePool {
     fn release(&self, conn: h1::Conn) {
-        if self.settings.max_idle == 0 {
-            return;
-        }
-        let mut idle = lock(&self.idle_raw);
-        if idle.len() >= self.settings.max_idle {
-            idle.remove(0);
-        }
-        idle.push(IdleRaw {
-            conn,
-            since: Instant::now(),
-        });
+        push_idle(&self.idle_raw, self.settings.max_idle, conn);
     }
 }
 
