@@ -522,10 +522,14 @@ impl RawBody {
                     if let Some(frame) = self.decode(chunk)? {
                         return Poll::Ready(Some(Ok(frame)));
                     }
-                    if self.conn.is_none() || self.framing.is_done() {
-                        continue;
+                    // Ended without trailers, or more bytes are needed.
+                    if self.framing.is_done() {
+                        return Poll::Ready(None);
                     }
-                    let conn = self.conn.as_mut().expect("checked above");
+                    let conn = self
+                        .conn
+                        .as_mut()
+                        .expect("a body being read has its connection");
                     if ready!(conn.poll_fill(cx))? == 0 {
                         return Poll::Ready(Some(Err("connection closed in the body".into())));
                     }

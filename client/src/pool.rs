@@ -280,7 +280,7 @@ impl NodePool {
                 Err(mut refused) => match refused.take_message() {
                     // Never written: the pooled connection closed while idle. Try again.
                     Some(unsent) if reused => req = unsent,
-                    _ => return Err(self.upstream(refused.into_error())),
+                    _ => return Err(self.upstream_error(refused.into_error())),
                 },
             }
         }
@@ -359,15 +359,11 @@ impl NodePool {
                     sender
                         .send_request(unsent)
                         .await
-                        .map_err(|error| self.upstream(error))
+                        .map_err(|error| self.upstream_error(error))
                 }
-                _ => Err(self.upstream(refused.into_error())),
+                _ => Err(self.upstream_error(refused.into_error())),
             },
         }
-    }
-
-    fn upstream(&self, source: hyper::Error) -> Error {
-        self.upstream_error(source)
     }
 
     fn upstream_error(&self, source: impl Into<BoxError>) -> Error {
