@@ -6,6 +6,7 @@ mod debug_views;
 mod demo;
 pub mod kratos_flags;
 pub mod limits;
+pub mod log_fields;
 pub mod log_time;
 mod store;
 

@@ -7,8 +7,6 @@
 
 use std::process::ExitCode;
 
-use tracing_subscriber::field::MakeExt as _;
-
 use clap::Parser;
 use cmd::Cli;
 use tokio_util::sync::CancellationToken;
@@ -124,19 +122,9 @@ fn init_logging() -> tracing_appender::non_blocking::WorkerGuard {
     } else {
         // Without colours, fields are written as plain `name=value`: the default field
         // formatter wraps every name in a (here empty) ANSI style, which was 6k of the 15k
-        // instructions of an access line (callgrind, tests/bench middleware scenario).
-        builder
-            .fmt_fields(
-                tracing_subscriber::fmt::format::debug_fn(|writer, field, value| {
-                    if field.name() == "message" {
-                        write!(writer, "{value:?}")
-                    } else {
-                        write!(writer, "{field}={value:?}")
-                    }
-                })
-                .delimited(" "),
-            )
-            .init();
+        // instructions of an access line (callgrind, tests/bench middleware scenario); and
+        // `log_fields` writes strings and integers without `core::fmt`.
+        builder.fmt_fields(cmd::log_fields::PlainFields).init();
     }
     guard
 }

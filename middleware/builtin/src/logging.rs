@@ -12,21 +12,23 @@
 //! The middleware declares [`Capabilities::access_log`], so the proxy skips its own
 //! per-request access line on endpoints that use it.
 
+use std::borrow::Cow;
 use std::fmt::Write as _;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 
-use http::header::{self, HeaderName};
-use http::{Request, Response};
+use http::header::{self, HeaderName, HeaderValue};
+use http::{Method, Request, Response, Uri};
 use serde::Deserialize;
 use tokio::time::Instant;
 use tower::{Layer, Service};
 
 use super::support::{decode, option_error};
 use middleware::{
-    BackendSlot, Body, BoxError, BuildContext, BuildError, Capabilities, Middleware, RequestOptions,
+    BackendSlot, Body, BoxError, BuildContext, BuildError, Capabilities, EndpointInfo, Middleware,
+    RequestOptions,
 };
 
 const REDACTED: &str = "[redacted]";
@@ -42,33 +44,51 @@ pub struct LoggingOptions {
 
 /// Whether a header or query parameter named `name` may carry a credential.
 pub fn is_sensitive(name: &str) -> bool {
-    let name = name.to_ascii_lowercase();
     [
         "key", "token", "secret", "pass", "auth", "sig", "session", "cookie",
     ]
     .iter()
-    .any(|word| name.contains(word))
+    .any(|word| {
+        name.as_bytes()
+            .windows(word.len())
+            .any(|part| part.eq_ignore_ascii_case(word.as_bytes()))
+    })
 }
 
-/// The query string with the values of sensitive parameters replaced by `[redacted]`.
-pub fn redact_query(query: &str) -> String {
+/// The query string with the values of sensitive parameters replaced by `[redacted]`;
+/// borrowed as it is when none has a value to hide.
+pub fn redact_query(query: &str) -> Cow<'_, str> {
+    let hides = |pair: &str| {
+        let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+        if value.is_empty() {
+            return false;
+        }
+        let decoded: Cow<'_, str> = if name.contains(['%', '+']) {
+            form_urlencoded::parse(name.as_bytes())
+                .map(|(name, _)| name)
+                .collect::<String>()
+                .into()
+        } else {
+            name.into()
+        };
+        is_sensitive(name) || is_sensitive(&decoded)
+    };
+    if !query.split('&').any(hides) {
+        return Cow::Borrowed(query);
+    }
     let mut out = String::with_capacity(query.len());
     for (index, pair) in query.split('&').enumerate() {
         if index > 0 {
             out.push('&');
         }
-        let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
-        let decoded: String = form_urlencoded::parse(name.as_bytes())
-            .map(|(name, _)| name)
-            .collect();
-        if pair.contains('=') && (is_sensitive(name) || is_sensitive(&decoded)) && !value.is_empty()
-        {
+        if hides(pair) {
+            let name = pair.split_once('=').map_or(pair, |(name, _)| name);
             let _ = write!(out, "{name}={REDACTED}");
         } else {
             out.push_str(pair);
         }
     }
-    out
+    Cow::Owned(out)
 }
 
 /// The `logging` layer's settings.
@@ -95,14 +115,15 @@ impl AccessLog {
     }
 }
 
-/// What the line says about the request, taken before the request moves on.
+/// What the line says about the request, taken before the request moves on. Nothing is
+/// copied: the host, method and URI share the request's bytes, and the query is redacted
+/// only when the line is written (and only copied when it holds a secret).
 struct RequestFacts {
-    host: String,
-    method: String,
-    path: String,
-    query: String,
+    host: Option<HeaderValue>,
+    method: Method,
+    uri: Uri,
     headers: String,
-    endpoint: String,
+    endpoint: Option<Arc<EndpointInfo>>,
     attempt: u32,
     backend: Option<Arc<BackendSlot>>,
     start: Instant,
@@ -111,12 +132,6 @@ struct RequestFacts {
 impl RequestFacts {
     fn new(log: &AccessLog, request: &Request<Body>) -> Self {
         let options = request.extensions().get::<RequestOptions>();
-        let host = request
-            .headers()
-            .get(header::HOST)
-            .and_then(|value| value.to_str().ok())
-            .or_else(|| request.uri().host())
-            .unwrap_or("");
         let mut headers = String::new();
         for name in log.headers.iter() {
             for value in request.headers().get_all(name) {
@@ -136,14 +151,11 @@ impl RequestFacts {
             }
         }
         Self {
-            host: host.to_owned(),
-            method: request.method().to_string(),
-            path: request.uri().path().to_owned(),
-            query: request.uri().query().map(redact_query).unwrap_or_default(),
+            host: request.headers().get(header::HOST).cloned(),
+            method: request.method().clone(),
+            uri: request.uri().clone(),
             headers,
-            endpoint: options
-                .map(|options| options.endpoint.path.clone())
-                .unwrap_or_default(),
+            endpoint: options.map(|options| options.endpoint.clone()),
             attempt: options.map_or(1, |options| options.attempt),
             backend: options.map(|options| options.backend.clone()),
             start: Instant::now(),
@@ -154,14 +166,23 @@ impl RequestFacts {
         let backend = self.backend.as_ref().and_then(|slot| slot.get());
         let backend = backend.as_ref().map_or("", |node| node.address.as_str());
         let latency_ms = self.start.elapsed().as_secs_f64() * 1000.0;
+        let host = self
+            .host
+            .as_ref()
+            .and_then(|value| value.to_str().ok())
+            .or_else(|| self.uri.host())
+            .unwrap_or("");
+        let path = self.uri.path();
+        let query = self.uri.query().map(redact_query).unwrap_or_default();
+        let endpoint = self.endpoint.as_ref().map_or("", |info| info.path.as_str());
         match outcome {
             Ok(status) => tracing::info!(
                 target: "access",
-                host = %self.host,
+                host = %host,
                 method = %self.method,
-                path = %self.path,
-                query = %self.query,
-                endpoint = %self.endpoint,
+                path = %path,
+                query = %query,
+                endpoint = %endpoint,
                 backend,
                 status,
                 latency_ms,
@@ -170,11 +191,11 @@ impl RequestFacts {
             ),
             Err(error) => tracing::warn!(
                 target: "access",
-                host = %self.host,
+                host = %host,
                 method = %self.method,
-                path = %self.path,
-                query = %self.query,
-                endpoint = %self.endpoint,
+                path = %path,
+                query = %query,
+                endpoint = %endpoint,
                 backend,
                 latency_ms,
                 attempt = self.attempt,
@@ -330,6 +351,9 @@ mod tests {
             "X-Amz-Signature=[redacted]&page=2"
         );
         assert_eq!(redact_query("api%5Fkey=abc"), "api%5Fkey=[redacted]");
+        assert_eq!(redact_query("API_KEY=abc"), "API_KEY=[redacted]");
+        // Nothing to hide (no secret name, or a secret name without a value): not copied.
+        assert!(matches!(redact_query("page=2&token="), Cow::Borrowed("page=2&token=")));
     }
 
     #[tokio::test]
