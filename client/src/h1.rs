@@ -70,7 +70,12 @@ pub(crate) struct Conn {
     head: Vec<u8>,
     /// What the next read reserves when the buffer is used up.
     read_size: usize,
+    /// Where each field of the last response head was (kept for its allocation).
+    spans: Vec<Span>,
 }
+
+/// (name start, name end, value start, value end) of a field, as offsets into its head.
+type Span = (u32, u32, u32, u32);
 
 /// Why an exchange failed.
 pub(crate) enum Failure {
@@ -96,6 +101,7 @@ impl Conn {
             read: BytesMut::new(),
             head: Vec::new(),
             read_size: READ_SIZE,
+            spans: Vec::new(),
         }
     }
 
@@ -188,10 +194,10 @@ impl Conn {
         if self.read.is_empty() {
             return Ok(None);
         }
-        // (name start, name end, value start, value end) of each header, as offsets into
-        // the head, so the values can be slices of it once it is frozen.
-        let mut spans = [(0u32, 0u32, 0u32, 0u32); MAX_HEADERS];
-        let (len, count, code, version) =
+        // Where each field is, as offsets into the head, so the values can be slices of it
+        // once it is frozen. (A fresh array of `MAX_HEADERS` spans cost a 1.6 KiB memset.)
+        self.spans.clear();
+        let (len, code, version) =
             {
                 let mut headers =
                     [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
@@ -211,19 +217,18 @@ impl Conn {
                 }
                 let base = self.read.as_ptr() as usize;
                 let offset = |part: &[u8]| (part.as_ptr() as usize - base) as u32;
-                for (span, header) in spans.iter_mut().zip(parsed.headers.iter()) {
+                self.spans.extend(parsed.headers.iter().map(|header| {
                     let name = offset(header.name.as_bytes());
                     let value = offset(header.value);
-                    *span = (
+                    (
                         name,
                         name + header.name.len() as u32,
                         value,
                         value + header.value.len() as u32,
-                    );
-                }
+                    )
+                }));
                 (
                     len,
-                    parsed.headers.len(),
                     parsed.code.unwrap_or_default(),
                     parsed.version.unwrap_or_default(),
                 )
@@ -233,8 +238,8 @@ impl Conn {
         // Room for the fields a middleware chain adds (CORS, rate-limit, rewrite) without
         // growing the map: a grow rehashes every field (1.3k instructions a request in
         // the tests/bench middleware scenario).
-        let mut headers = HeaderMap::with_capacity(count + ROOM);
-        for &(name_start, name_end, value_start, value_end) in &spans[..count] {
+        let mut headers = HeaderMap::with_capacity(self.spans.len() + ROOM);
+        for &(name_start, name_end, value_start, value_end) in &self.spans {
             let name = &head[name_start as usize..name_end as usize];
             let name = match known_name(name) {
                 Some(known) => known,

@@ -37,10 +37,19 @@ fn main() -> ExitCode {
     if let Some((old, new)) = cmd::limits::raise_open_file_limit() {
         tracing::info!(old, new, "raised the open-file limit to the hard limit");
     }
-    let mut runtime = tokio::runtime::Builder::new_multi_thread();
-    if let Some(workers) = cli.workers {
-        runtime.worker_threads(workers.max(1));
-    }
+    // One worker: everything runs on this thread (as an nginx worker process does), with no
+    // work-stealing queues and no wake-ups across threads; blocking work still goes to the
+    // blocking pool.
+    let mut runtime = match cli.workers {
+        Some(0 | 1) => tokio::runtime::Builder::new_current_thread(),
+        workers => {
+            let mut runtime = tokio::runtime::Builder::new_multi_thread();
+            if let Some(workers) = workers {
+                runtime.worker_threads(workers);
+            }
+            runtime
+        }
+    };
     runtime.enable_all();
     let runtime = match runtime.build() {
         Ok(runtime) => runtime,

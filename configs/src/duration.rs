@@ -175,7 +175,7 @@ fn write_fraction(f: &mut fmt::Formatter<'_>, value: u128, unit: u128) -> fmt::R
         return write!(f, "{whole}");
     }
     let mut width = unit.ilog10() as usize;
-    while fraction % 10 == 0 {
+    while fraction.is_multiple_of(10) {
         fraction /= 10;
         width -= 1;
     }

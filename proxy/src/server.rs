@@ -306,11 +306,12 @@ where
         let open = service_activity.request_opened();
         let settings = service_activity.settings().clone();
         let req = req.map(|body| ReadTimeoutBody::new(body, settings));
-        let call = service_edge.clone().call(req, remote);
+        let edge = service_edge.clone();
         // Boxed: hyper's `poll_without_shutdown` wants an `Unpin` future (and a pending
-        // request then costs its connection's task nothing).
-        Box::pin(async move {
-            let response: Response<_> = match call.await {
+        // request then costs its connection's task nothing). Built in its box, and the
+        // edge's future is made inside it, so neither is copied.
+        crate::boxed_with(move || async move {
+            let response: Response<_> = match edge.call(req, remote).await {
                 Ok(response) => response,
                 Err(never) => match never {},
             };

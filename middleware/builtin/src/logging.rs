@@ -353,7 +353,10 @@ mod tests {
         assert_eq!(redact_query("api%5Fkey=abc"), "api%5Fkey=[redacted]");
         assert_eq!(redact_query("API_KEY=abc"), "API_KEY=[redacted]");
         // Nothing to hide (no secret name, or a secret name without a value): not copied.
-        assert!(matches!(redact_query("page=2&token="), Cow::Borrowed("page=2&token=")));
+        assert!(matches!(
+            redact_query("page=2&token="),
+            Cow::Borrowed("page=2&token=")
+        ));
     }
 
     #[tokio::test]

@@ -97,7 +97,7 @@ pub(super) fn from_headers(
 
 /// A `-bin` header value: base64, padded or not (gRPC allows both).
 fn decode_bin_header(value: &[u8]) -> Result<Vec<u8>, base64::DecodeError> {
-    if value.len() % 4 == 0 {
+    if value.len().is_multiple_of(4) {
         STANDARD.decode(value)
     } else {
         STANDARD_NO_PAD.decode(value)
