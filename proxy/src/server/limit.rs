@@ -53,7 +53,11 @@ impl ConnectionLimit {
             Err(_) => {
                 refused.inc();
                 // The first refusal of a burst is worth a warning; the rest only count.
-                if self.refused.fetch_add(1, Ordering::Relaxed).is_multiple_of(1000) {
+                if self
+                    .refused
+                    .fetch_add(1, Ordering::Relaxed)
+                    .is_multiple_of(1000)
+                {
                     tracing::warn!(
                         max = self.max,
                         "connection limit reached: new connections are closed at once"
