@@ -101,39 +101,6 @@ fn finish(lease: &mut Option<Lease>, done: &mut Option<Done>, success: bool) {
     }
 }
 
-/// An upstream response body: hyper's, or one read by the gateway's own HTTP/1.1 exchange.
-pub(crate) enum UpstreamBody {
-    Hyper(hyper::body::Incoming),
-    Raw(RawBody),
-}
-
-impl HttpBody for UpstreamBody {
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        match self.get_mut() {
-            Self::Hyper(body) => Pin::new(body)
-                .poll_frame(cx)
-                .map(|frame| frame.map(|frame| frame.map_err(BoxError::from))),
-            Self::Raw(body) => Pin::new(body).poll_frame(cx),
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        match self {
-            Self::Hyper(body) => body.is_end_stream(),
-            Self::Raw(body) => body.is_end_stream(),
-        }
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        match self {
-            Self::Hyper(body) => body.size_hint(),
-            Self::Raw(body) => body.size_hint(),
-        }
-    }
-}
+/// An upstream response body: hyper's (`Left`), or one read by the gateway's own HTTP/1.1
+/// exchange (`Right`).
+pub(crate) type UpstreamBody = http_body_util::Either<hyper::body::Incoming, RawBody>;

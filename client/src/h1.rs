@@ -149,7 +149,7 @@ impl Conn {
                     }
                     continue;
                 }
-                let framing = Framing::of(&request.method, &head, facts)?;
+                let framing = Framing::of(&request.method, &head, facts);
                 return Ok((head, framing, self));
             }
             match std::future::poll_fn(|cx| self.poll_fill(cx)).await {
@@ -330,8 +330,7 @@ enum Chunk {
 }
 
 impl Framing {
-    fn of(method: &Method, head: &Response<()>, facts: Facts) -> Result<Self, Failure> {
-        let keep_alive = !facts.close && (head.version() != Version::HTTP_10 || facts.keep_alive);
+    fn of(method: &Method, head: &Response<()>, facts: Facts) -> Self {
         let status = head.status();
         let kind = if method == Method::HEAD
             || status == StatusCode::NO_CONTENT
@@ -339,28 +338,24 @@ impl Framing {
         {
             Kind::Done
         } else if facts.transfer_encodings > 0 {
+            // Not chunked last (or several fields): only the end of the stream ends it.
             if facts.transfer_encodings == 1 && facts.chunked_last {
                 Kind::Chunked(Chunk::Size)
             } else {
-                // Not chunked last (or several fields): only the end of the stream ends it.
-                return Ok(Self {
-                    kind: Kind::Close,
-                    keep_alive: false,
-                });
-            }
-        } else if let Some(length) = facts.length {
-            if length == 0 {
-                Kind::Done
-            } else {
-                Kind::Length(length)
+                Kind::Close
             }
         } else {
-            return Ok(Self {
-                kind: Kind::Close,
-                keep_alive: false,
-            });
+            match facts.length {
+                Some(0) => Kind::Done,
+                Some(length) => Kind::Length(length),
+                None => Kind::Close,
+            }
         };
-        Ok(Self { kind, keep_alive })
+        // A body delimited by the close ends the connection with it.
+        let keep_alive = !matches!(kind, Kind::Close)
+            && !facts.close
+            && (head.version() != Version::HTTP_10 || facts.keep_alive);
+        Self { kind, keep_alive }
     }
 
     /// Whether nothing remains to be read.

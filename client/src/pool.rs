@@ -259,7 +259,7 @@ impl NodePool {
         if self.transport.h2 {
             return Box::pin(self.send_h2(req))
                 .await
-                .map(|response| (response.map(UpstreamBody::Hyper), None));
+                .map(|response| (response.map(UpstreamBody::Left), None));
         }
         if own_exchange(&req) {
             return self.send_raw(req).await.map(|response| (response, None));
@@ -275,7 +275,7 @@ impl NodePool {
                         pool: self.clone(),
                         sender,
                     };
-                    return Ok((response.map(UpstreamBody::Hyper), Some(lease)));
+                    return Ok((response.map(UpstreamBody::Left), Some(lease)));
                 }
                 Err(mut refused) => match refused.take_message() {
                     // Never written: the pooled connection closed while idle. Try again.
@@ -292,15 +292,7 @@ impl NodePool {
         req: Request<Body>,
     ) -> Result<Response<UpstreamBody>, Error> {
         let (head, _empty) = req.into_parts();
-        let idempotent = matches!(
-            head.method,
-            Method::GET
-                | Method::HEAD
-                | Method::OPTIONS
-                | Method::TRACE
-                | Method::PUT
-                | Method::DELETE
-        );
+        let idempotent = head.method.is_idempotent();
         loop {
             let (conn, reused) = match self.take_raw(!idempotent) {
                 Some(conn) => (conn, true),
@@ -310,7 +302,7 @@ impl NodePool {
                 Ok((response, framing, conn)) => {
                     let home: Arc<dyn h1::Release> = self.clone();
                     let body = h1::RawBody::new(conn, framing, home);
-                    return Ok(response.map(|()| UpstreamBody::Raw(body)));
+                    return Ok(response.map(|()| UpstreamBody::Right(body)));
                 }
                 Err(h1::Failure::Closed(_)) if reused && idempotent => {}
                 Err(h1::Failure::Closed(error)) => return Err(self.upstream_error(error)),
